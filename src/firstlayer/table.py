@@ -1,0 +1,135 @@
+"""The per-token table of arXiv 2402.13388, sections "parallel" and "serial".
+
+A row holds, for one token id, everything layer 0 computes from that token alone:
+
+    serial:   [ x          | q | k | v ]   x = E[t], the plain embedding row
+    parallel: [ x + mlp(x) | q | k | v ]   the MLP reads only x, so its residual sum is token-local
+
+q, k and v are the projections' outputs before RoPE, in each family's own column layout (NeoX's
+per-head interleave, Falcon's grouped kv, Phi-3's fused qkv), with per-head q/k norms applied.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.arch.base import Parts, embed_scale
+
+# Rows per chunk: the work buffers stay a few MB even for 256k-token vocabularies.
+CHUNK_ROWS = 2048
+# Built in float32 (or float64 when the model is), whatever the model runs in.
+BUILD_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Column:
+    module: str  # the projection this slice replaces
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which columns of a row feed which module; the first `hidden_size` hold x or x + mlp(x)."""
+
+    hidden_size: int
+    is_parallel: bool
+    columns: tuple[Column, ...]
+
+    @property
+    def width(self) -> int:
+        return self.columns[-1].stop if self.columns else self.hidden_size
+
+    def to_dict(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "first": "x+mlp" if self.is_parallel else "x",
+            "width": self.width,
+            "columns": [[c.module, c.start, c.stop] for c in self.columns],
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Layout:
+        columns = tuple(Column(name, start, stop) for name, start, stop in record["columns"])
+        return cls(record["hidden_size"], record["first"] == "x+mlp", columns)
+
+
+def table_layout(model: nn.Module, parts: Parts, is_parallel: bool) -> Layout:
+    hidden_size = model.get_submodule(parts.embedding).weight.shape[1]
+    columns, start = [], hidden_size
+    for name in parts.projections:
+        width = model.get_submodule(name).weight.shape[0]
+        columns.append(Column(name, start, start + width))
+        start += width
+    return Layout(hidden_size, is_parallel, tuple(columns))
+
+
+class TokenLocal(nn.Module):
+    """Layer 0's token-local modules, copied in float32: computes table rows for token ids.
+
+    A copy, so the caller may go on to replace the originals in the model (convert streams rows to
+    disk after the model has been patched); the embedding weight is shared, not copied.
+    """
+
+    def __init__(self, model: nn.Module, parts: Parts, layout: Layout):
+        super().__init__()
+        embedding = model.get_submodule(parts.embedding)
+        self.embedding_weight = embedding.weight  # (V, D), the model's dtype
+        self.build_dtype = (
+            embedding.weight.dtype if embedding.weight.dtype in BUILD_DTYPES else torch.float32
+        )
+        scale = embed_scale(embedding)
+        self.scale = None if scale is None else scale.to(self.build_dtype)
+
+        def copied(name: str | None) -> nn.Module | None:
+            if name is None:
+                return None
+            return copy.deepcopy(model.get_submodule(name)).to(self.build_dtype).eval()
+
+        self.attn_norm = copied(parts.attn_norm)
+        self.projections = nn.ModuleList(copied(name) for name in parts.projections)
+        self.head_norms = nn.ModuleList(
+            copied(parts.head_norms.get(name)) or nn.Identity() for name in parts.projections
+        )
+        self.has_head_norm = [name in parts.head_norms for name in parts.projections]
+        self.is_parallel = layout.is_parallel
+        if layout.is_parallel:
+            self.mlp_norm = copied(parts.mlp_norm) if parts.mlp_norm else self.attn_norm
+            self.mlp = copied(parts.mlp)
+        self.layout = layout
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor) -> Tensor:
+        """Rows for token ids (N,) -> (N, W) in the build dtype."""
+        x_plain = self.embedding_weight[ids].to(self.build_dtype)  # (N, D)
+        x = x_plain if self.scale is None else x_plain * self.scale
+        normed = self.attn_norm(x)
+        blocks = [x + self.mlp(self.mlp_norm(x)) if self.is_parallel else x_plain]
+        for projection, head_norm, has_norm in zip(
+            self.projections, self.head_norms, self.has_head_norm, strict=True
+        ):
+            out = projection(normed)  # (N, width)
+            if has_norm:
+                # per-head norm: (N, H*Dh) -> (N, H, Dh) -> (N, H*Dh)
+                head_dim = head_norm.weight.shape[-1]
+                out = head_norm(out.unflatten(-1, (-1, head_dim))).flatten(-2)
+            blocks.append(out)
+        rows = torch.cat(blocks, dim=-1)
+        assert rows.shape == (len(ids), self.layout.width), rows.shape
+        return rows
+
+
+def table_chunks(
+    token_local: TokenLocal, vocab_size: int, chunk_rows: int | None = None
+) -> Iterator[tuple[int, Tensor]]:
+    """(first id, rows) for the whole vocabulary in order, `chunk_rows` ids at a time."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    device = token_local.embedding_weight.device
+    for start in range(0, vocab_size, chunk_rows):
+        ids = torch.arange(start, min(start + chunk_rows, vocab_size), device=device)
+        yield start, token_local(ids)

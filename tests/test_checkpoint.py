@@ -1,0 +1,118 @@
+"""save / load / convert: a self-contained folder that loads without the original checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tiny, clone, left_padded_batch
+from safetensors import safe_open
+
+from firstlayer.checkpoint import WEIGHTS_FILE, convert, load, save
+from firstlayer.errors import FirstLayerError
+from firstlayer.runtime import precompute
+from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, verify
+
+
+def test_convert_then_load_matches_original(tiny, tmp_path):
+    original = clone(tiny)
+    out = convert(tiny, tmp_path / "out")
+    model = load(out)
+    report = verify(original, model, tokenizer=None, max_new_tokens=32)
+    assert report.max_logit_diff <= FLOAT32_LOGIT_TOLERANCE
+    assert report.greedy_equal and report.greedy_tokens == 32
+    batch = left_padded_batch(original.config.vocab_size)
+    settings = dict(
+        max_new_tokens=32, min_new_tokens=32, do_sample=False, num_beams=4, pad_token_id=0
+    )
+    assert torch.equal(original.generate(**batch, **settings), model.generate(**batch, **settings))
+
+
+def test_convert_leaves_the_source_model_untouched(tiny, tmp_path):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    convert(tiny, tmp_path / "out")
+    after = tiny.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_saved_folder_holds_the_table_and_none_of_the_eliminated_weights(tiny, tmp_path):
+    out = convert(tiny, tmp_path / "out")
+    record = json.loads((out / "config.json").read_text())["firstlayer"]
+    with safe_open(out / WEIGHTS_FILE, "pt") as weights:
+        names = set(weights.keys())
+        table_name = f"{record['table']['module']}.table"
+        assert weights.get_slice(table_name).get_shape() == [
+            tiny.config.vocab_size,
+            record["table"]["width"],
+        ]
+    for module in record["eliminated"]:
+        assert not any(n.startswith(module + ".") for n in names), module
+    if record["lm_head"]["reads_table"]:
+        assert f"{record['lm_head']['module']}.weight" not in names  # not stored twice
+    assert record["source_fingerprint"] and record["format_version"] == 1
+    assert record["files"][WEIGHTS_FILE]["bytes"] == (out / WEIGHTS_FILE).stat().st_size
+
+
+def test_save_of_precomputed_model_equals_streamed_convert(tiny, tmp_path):
+    streamed = convert(clone(tiny), tmp_path / "streamed")
+    saved = save(precompute(tiny), tmp_path / "saved")
+    with safe_open(streamed / WEIGHTS_FILE, "pt") as a, safe_open(saved / WEIGHTS_FILE, "pt") as b:
+        names = set(a.keys())
+        assert names == set(b.keys())
+        for name in names:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+
+
+def test_same_input_gives_byte_identical_output(tmp_path):
+    family = next(f for f in FAMILIES if f.id == "qwen3")
+    first = convert(build_tiny(family), tmp_path / "a")
+    second = convert(build_tiny(family), tmp_path / "b")
+    for name in ("config.json", WEIGHTS_FILE):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_chunked_table_covers_every_row_once(monkeypatch):
+    import firstlayer.table
+
+    family = next(f for f in FAMILIES if f.id == "gpt_neox")
+    whole = precompute(build_tiny(family)).get_input_embeddings().table
+    monkeypatch.setattr(firstlayer.table, "CHUNK_ROWS", 7)  # 256 rows: 36 chunks and a ragged end
+    chunked = precompute(build_tiny(family)).get_input_embeddings().table
+    # Matmuls over 7 rows may sum in another order than over 256: equal to rounding, not bits.
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family_id", ["llama", "gpt_neox"])
+def test_bfloat16_conversion_is_closer_than_the_original_in_bfloat16(family_id, tmp_path):
+    original = build_tiny(next(f for f in FAMILIES if f.id == family_id))
+    model = load(convert(clone(original), tmp_path / "bf16", dtype="bfloat16"))
+    assert model.get_input_embeddings().table.dtype == torch.bfloat16
+    report = verify(original, model)
+    assert report.baseline_max_logit_diff is not None
+    assert report.max_logit_diff <= report.baseline_max_logit_diff
+    assert report.passed
+
+
+def test_existing_output_is_not_overwritten_without_force(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FirstLayerError, match="exists: .*--force"):
+        convert(tiny, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(tiny, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_save_refuses_a_model_that_is_not_precomputed(tiny, tmp_path):
+    with pytest.raises(FirstLayerError, match="precompute first"):
+        save(tiny, tmp_path / "out")
+
+
+def test_load_refuses_a_plain_model_folder(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "plain")
+    with pytest.raises(FirstLayerError, match="not a precomputed model"):
+        load(tmp_path / "plain")

@@ -1,0 +1,154 @@
+"""precompute(): the same function as the original model, for every family and generate() mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tiny, clone, left_padded_batch
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.runtime import precompute
+from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, weights_count
+
+NEW_TOKENS = 32
+
+
+def masked_max_diff(a, b, mask) -> float:
+    return ((a - b).abs() * mask[..., None]).max().item()
+
+
+def test_logits_match_original_on_left_padded_batch(tiny):
+    original = clone(tiny)
+    model = precompute(tiny)
+    batch = left_padded_batch(original.config.vocab_size)
+    with torch.inference_mode():
+        expected = original(**batch).logits
+        actual = model(**batch).logits
+    assert masked_max_diff(expected, actual, batch["attention_mask"]) <= FLOAT32_LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=4),
+        dict(do_sample=False, cache_implementation="static"),
+        dict(do_sample=True, temperature=0.9, top_k=20),
+    ],
+    ids=["greedy", "beam4", "static_cache", "sampling"],
+)
+def test_generate_matches_original(tiny, settings):
+    original = clone(tiny)
+    model = precompute(tiny)
+    batch = left_padded_batch(original.config.vocab_size)
+    common = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    torch.manual_seed(5)
+    expected = original.generate(**batch, **common, **settings)
+    torch.manual_seed(5)
+    actual = model.generate(**batch, **common, **settings)
+    assert actual.shape[1] == batch["input_ids"].shape[1] + NEW_TOKENS
+    assert torch.equal(expected, actual)
+
+
+def test_eliminated_weights_are_gone(tiny):
+    model = precompute(tiny)
+    record = model.config.firstlayer
+    names = {name for name, _ in model.named_parameters()}
+    for module in record["eliminated"]:
+        assert not any(name.startswith(module + ".") for name in names), module
+    width = record["table"]["width"]
+    assert model.get_input_embeddings().table.shape == (model.config.vocab_size, width)
+
+
+def test_tied_lm_head_reads_the_table_x_columns_not_a_copy():
+    family = next(f for f in FAMILIES if f.id == "gemma")  # tied, and x scaled by sqrt(D)
+    model = precompute(build_tiny(family))
+    table = model.get_input_embeddings().table
+    lm_head = model.get_output_embeddings().weight
+    assert lm_head.shape == (table.shape[0], model.config.hidden_size)
+    assert lm_head.data_ptr() == table.data_ptr()
+    assert weights_count(model) == sum(p.numel() for p in model.parameters()) - lm_head.numel()
+    model.tie_weights()  # a re-tie must not point the LM head at the wide table
+    assert model.get_output_embeddings().weight.shape == lm_head.shape
+
+
+def test_tied_parallel_model_keeps_the_plain_embedding_for_the_lm_head():
+    family = next(f for f in FAMILIES if f.id == "falcon")
+    original = build_tiny(family)
+    embedding = original.get_input_embeddings().weight.detach().clone()
+    model = precompute(original)
+    assert torch.equal(model.get_output_embeddings().weight, embedding)
+
+
+@pytest.mark.parametrize("family_id", ["gemma", "gpt_neox"])
+def test_hidden_states_zero_is_what_layer_zero_receives(family_id):
+    """Serial: E[t] (Gemma: scaled by sqrt(D)), as before. Parallel: E[t] + mlp(n2(E[t])), the
+    row's first D columns. Every later hidden state is unchanged."""
+    family = next(f for f in FAMILIES if f.id == family_id)
+    original = build_tiny(family)
+    model = precompute(clone(original))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        before = original(input_ids=ids, output_hidden_states=True).hidden_states
+        after = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(before) == len(after)
+    torch.testing.assert_close(after[1:], before[1:], atol=1e-5, rtol=1e-5)
+    if model.config.firstlayer["architecture"] == "serial":
+        torch.testing.assert_close(after[0], before[0])
+    else:
+        table = model.get_input_embeddings().table
+        assert torch.equal(after[0][0], table[ids[0], : model.config.hidden_size])
+
+
+def test_inputs_embeds_are_refused_with_a_clear_error(tiny):
+    model = precompute(tiny)
+    embeds = torch.zeros(1, 3, model.config.hidden_size)
+    with pytest.raises(FirstLayerError, match="token ids only, not inputs_embeds"):
+        model(inputs_embeds=embeds)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    model = precompute(tiny)
+    vocab_size = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab_size} is outside the vocabulary of "):
+        model(input_ids=torch.tensor([[1, vocab_size]]))
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        model(input_ids=torch.tensor([[-1, 2]]))
+
+
+def test_precomputing_twice_is_refused(tiny):
+    model = precompute(tiny)
+    with pytest.raises(FirstLayerError, match="precomputed already"):
+        precompute(model)
+
+
+def test_absolute_position_models_are_refused_with_the_reason():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    with pytest.raises(FirstLayerError, match="position"):
+        precompute(AutoModelForCausalLM.from_config(config))
+
+
+def test_unsupported_family_is_refused_naming_the_supported_ones():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "olmo2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        vocab_size=64,
+    )
+    with pytest.raises(FirstLayerError, match="supported: llama, mistral"):
+        precompute(AutoModelForCausalLM.from_config(config))
+
+
+def test_bfloat16_model_table_is_built_in_float32(tiny):
+    """A bf16 model's rows are float32 arithmetic on its bf16 weights, rounded once to bf16."""
+    model_bf16 = tiny.to(torch.bfloat16)
+    reference = precompute(clone(model_bf16).float()).get_input_embeddings().table
+    table = precompute(model_bf16).get_input_embeddings().table
+    assert table.dtype == torch.bfloat16
+    assert torch.equal(table, reference.to(torch.bfloat16))
