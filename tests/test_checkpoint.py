@@ -42,11 +42,10 @@ def test_saved_folder_holds_the_table_and_none_of_the_eliminated_weights(tiny, t
     record = json.loads((out / "config.json").read_text())["firstlayer"]
     with safe_open(out / WEIGHTS_FILE, "pt") as weights:
         names = set(weights.keys())
-        table_name = f"{record['table']['module']}.table"
-        assert weights.get_slice(table_name).get_shape() == [
-            tiny.config.vocab_size,
-            record["table"]["width"],
-        ]
+        module, vocab_size = record["table"]["module"], tiny.config.vocab_size
+        hidden, width = record["table"]["hidden_size"], record["table"]["width"]
+        assert weights.get_slice(f"{module}.residual").get_shape() == [vocab_size, hidden]
+        assert weights.get_slice(f"{module}.qkv").get_shape() == [vocab_size, width - hidden]
     for module in record["eliminated"]:
         assert not any(n.startswith(module + ".") for n in names), module
     if record["lm_head"]["reads_table"]:
@@ -77,9 +76,9 @@ def test_chunked_table_covers_every_row_once(monkeypatch):
     import firstlayer.table
 
     family = next(f for f in FAMILIES if f.id == "gpt_neox")
-    whole = precompute(build_tiny(family)).get_input_embeddings().table
+    whole = precompute(build_tiny(family)).get_input_embeddings().table()
     monkeypatch.setattr(firstlayer.table, "CHUNK_ROWS", 7)  # 256 rows: 36 chunks and a ragged end
-    chunked = precompute(build_tiny(family)).get_input_embeddings().table
+    chunked = precompute(build_tiny(family)).get_input_embeddings().table()
     # Matmuls over 7 rows may sum in another order than over 256: equal to rounding, not bits.
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
@@ -88,7 +87,7 @@ def test_chunked_table_covers_every_row_once(monkeypatch):
 def test_bfloat16_conversion_is_closer_than_the_original_in_bfloat16(family_id, tmp_path):
     original = build_tiny(next(f for f in FAMILIES if f.id == family_id))
     model = load(convert(clone(original), tmp_path / "bf16", dtype="bfloat16"))
-    assert model.get_input_embeddings().table.dtype == torch.bfloat16
+    assert model.get_input_embeddings().qkv.dtype == torch.bfloat16
     report = verify(original, model)
     assert report.baseline_max_logit_diff is not None
     assert report.max_logit_diff <= report.baseline_max_logit_diff

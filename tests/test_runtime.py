@@ -57,18 +57,22 @@ def test_eliminated_weights_are_gone(tiny):
     for module in record["eliminated"]:
         assert not any(name.startswith(module + ".") for name in names), module
     width = record["table"]["width"]
-    assert model.get_input_embeddings().table.shape == (model.config.vocab_size, width)
+    assert model.get_input_embeddings().table().shape == (model.config.vocab_size, width)
 
 
-def test_tied_lm_head_reads_the_table_x_columns_not_a_copy():
+def test_tied_lm_head_reads_the_table_x_block_not_a_copy():
     family = next(f for f in FAMILIES if f.id == "gemma")  # tied, and x scaled by sqrt(D)
     model = precompute(build_tiny(family))
-    table = model.get_input_embeddings().table
+    residual = model.get_input_embeddings().residual
     lm_head = model.get_output_embeddings().weight
-    assert lm_head.shape == (table.shape[0], model.config.hidden_size)
-    assert lm_head.data_ptr() == table.data_ptr()
-    assert weights_count(model) == sum(p.numel() for p in model.parameters()) - lm_head.numel()
-    model.tie_weights()  # a re-tie must not point the LM head at the wide table
+    assert lm_head is residual and lm_head.is_contiguous()
+    assert lm_head.shape == (model.config.vocab_size, model.config.hidden_size)
+    qkv = model.get_input_embeddings().qkv
+    assert weights_count(model) == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("lm_head")
+    )
+    assert qkv.numel() + residual.numel() <= weights_count(model)
+    model.tie_weights()  # a re-tie must not point the LM head at anything else
     assert model.get_output_embeddings().weight.shape == lm_head.shape
 
 
@@ -96,8 +100,8 @@ def test_hidden_states_zero_is_what_layer_zero_receives(family_id):
     if model.config.firstlayer["architecture"] == "serial":
         torch.testing.assert_close(after[0], before[0])
     else:
-        table = model.get_input_embeddings().table
-        assert torch.equal(after[0][0], table[ids[0], : model.config.hidden_size])
+        residual = model.get_input_embeddings().residual
+        assert torch.equal(after[0][0], residual[ids[0]])
 
 
 def test_inputs_embeds_are_refused_with_a_clear_error(tiny):
@@ -148,7 +152,7 @@ def test_unsupported_family_is_refused_naming_the_supported_ones():
 def test_bfloat16_model_table_is_built_in_float32(tiny):
     """A bf16 model's rows are float32 arithmetic on its bf16 weights, rounded once to bf16."""
     model_bf16 = tiny.to(torch.bfloat16)
-    reference = precompute(clone(model_bf16).float()).get_input_embeddings().table
-    table = precompute(model_bf16).get_input_embeddings().table
+    reference = precompute(clone(model_bf16).float()).get_input_embeddings().table()
+    table = precompute(model_bf16).get_input_embeddings().table()
     assert table.dtype == torch.bfloat16
     assert torch.equal(table, reference.to(torch.bfloat16))

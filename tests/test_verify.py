@@ -33,7 +33,7 @@ def test_report_passes_for_a_faithful_model_and_fails_for_a_wrong_one():
 
     wrong = precompute(clone(original))
     with torch.no_grad():  # one corrupted row: the model is no longer the original
-        wrong.get_input_embeddings().table[:, 70:] += 0.5
+        wrong.get_input_embeddings().qkv[:, 6:] += 0.5
     bad = verify(original, wrong, max_new_tokens=8)
     assert not bad.passed and bad.max_logit_diff > FLOAT32_LOGIT_TOLERANCE
     assert bad.to_dict()["passed"] is False

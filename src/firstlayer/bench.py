@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from firstlayer.errors import FirstLayerError
 from firstlayer.runtime import precompute
 from firstlayer.savings import analyze
 from firstlayer.verify import weights_count
@@ -166,23 +167,31 @@ class DecodeLoop:
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.step = model.forward
         if compile:
+            # Two models x (prefill, decode) shapes x batch sizes share one forward code object:
+            # dynamo's default of 8 recompiles would silently fall back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self.step = torch.compile(model.forward, dynamic=False)
 
     @torch.inference_mode()
     def run(self, prompt: Tensor, new_tokens: int) -> tuple[float, list[float]]:
-        """(prefill seconds, seconds of each decode step)."""
+        """(prefill seconds, seconds of each decode step); prefill makes the first new token."""
         self.cache.reset()
         batch, length = prompt.shape
         synchronize(self.device)
         start = time.perf_counter()
+        positions = torch.arange(length, device=self.device).expand(batch, length)
         logits = self.step(
-            input_ids=prompt, cache=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=prompt,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
         ).logits
         token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         synchronize(self.device)
         prefill = time.perf_counter() - start
-        steps = []
-        for position in range(length, length + new_tokens):
+        steps, tokens = [], [token]
+        for position in range(length, length + new_tokens - 1):
             positions = torch.full((batch, 1), position, device=self.device)
             start = time.perf_counter()
             logits = self.step(
@@ -195,6 +204,8 @@ class DecodeLoop:
             token = logits[:, -1].argmax(-1, keepdim=True)
             synchronize(self.device)
             steps.append(time.perf_counter() - start)
+            tokens.append(token)
+        self.tokens = torch.cat(tokens, dim=1)  # (B, new_tokens): the greedy continuation
         return prefill, steps
 
     def cache_bytes(self) -> int:
@@ -268,6 +279,11 @@ def bench(
     """
     from firstlayer.loading import random_model
 
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or not batches or min(batches) < 1:
+        raise FirstLayerError(
+            "bench needs --new-tokens >= 2 (the first comes from prefill), --prompt-tokens >= 1, "
+            "--repeats >= 1 and batch sizes >= 1"
+        )
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     config = model.config.to_dict()

@@ -28,7 +28,7 @@ from firstlayer.runtime import (
     patch,
 )
 from firstlayer.safetensors_io import TensorSpec, write_safetensors
-from firstlayer.table import Layout, TokenLocal, table_chunks, table_layout
+from firstlayer.table import BLOCKS, Layout, TokenLocal, table_chunks, table_layout
 
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,18 +160,20 @@ def convert(
     record["source_fingerprint"] = weights_fingerprint(model)
     token_local = TokenLocal(model, parts, layout)
     vocab_size = token_local.embedding_weight.shape[0]
-    table_name = f"{parts.embedding}.table"
     dropped = {f"{parts.lm_head}.weight"} if lm_head_from_table else set()
     kept = _kept_weights(model, (parts.embedding, *parts.eliminated(parallel)), dropped)
-    specs = [TensorSpec(table_name, dtype, (vocab_size, layout.width))] + [
-        TensorSpec(name, _cast(t, dtype).dtype, tuple(t.shape)) for name, t in kept.items()
-    ]
+    widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
+    specs = [
+        TensorSpec(f"{parts.embedding}.{block}", dtype, (vocab_size, widths[block]))
+        for block in BLOCKS
+    ] + [TensorSpec(name, _cast(t, dtype).dtype, tuple(t.shape)) for name, t in kept.items()]
 
     def chunks() -> Iterator[tuple[str, Tensor]]:
-        for start, rows in table_chunks(token_local, vocab_size):
-            yield table_name, rows.to(dtype)
-            if progress:
-                progress(start + len(rows), vocab_size)
+        for index, block in enumerate(BLOCKS):
+            for start, rows in table_chunks(token_local, vocab_size, block):
+                yield f"{parts.embedding}.{block}", rows.to(dtype)
+                if progress:
+                    progress(index * vocab_size + start + len(rows), len(BLOCKS) * vocab_size)
         for name, tensor in kept.items():
             yield name, _cast(tensor, dtype)
 
@@ -187,17 +189,14 @@ def save(model: nn.Module, path: str | Path, tokenizer: Any | None = None, force
     record = copy.deepcopy(getattr(model.config, "firstlayer", None))
     if not record:
         raise FirstLayerError("save() takes a precomputed model: call firstlayer.precompute first")
-    table_name = f"{record['table']['module']}.table"
-    table = model.get_parameter(table_name)
-    dtype = table.dtype
+    dtype = model.get_parameter(f"{record['table']['module']}.residual").dtype
     record.setdefault("source_fingerprint", "unknown")
     lm_head = record["lm_head"]
-    dropped = {table_name} | ({f"{lm_head['module']}.weight"} if lm_head["reads_table"] else set())
+    # A tied LM head is the table's residual block: stored once, under the table's name.
+    dropped = {f"{lm_head['module']}.weight"} if lm_head["reads_table"] else set()
     kept = _kept_weights(model, (), dropped)
-    specs = [TensorSpec(table_name, dtype, tuple(table.shape))] + [
-        TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in kept.items()
-    ]
-    chunks = iter([(table_name, table), *kept.items()])
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in kept.items()]
+    chunks = iter(kept.items())
     return _publish(
         Path(path),
         force,
@@ -262,16 +261,17 @@ def load(
     from transformers.initialization import no_init_weights
 
     info = read_folder(path)
-    record, table_name = info.record, f"{info.record['table']['module']}.table"
+    record, module = info.record, info.record["table"]["module"]
     try:
         tensors = load_file(info.weights)
     except (SafetensorError, OSError) as error:
         raise FirstLayerError(
             f"{info.weights} cannot be read ({error}): convert the source again"
         ) from None
-    if table_name not in tensors:
-        raise FirstLayerError(f"{info.weights} holds no table ({table_name}): convert again")
-    dtype = parse_dtype(dtype) or tensors[table_name].dtype
+    names = [f"{module}.{block}" for block in BLOCKS]
+    if any(name not in tensors for name in names):
+        raise FirstLayerError(f"{info.weights} holds no table ({', '.join(names)}): convert again")
+    dtype = parse_dtype(dtype) or tensors[names[0]].dtype
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(info.config, dtype=dtype)
     parts, parallel = parts_of(model)
@@ -281,15 +281,18 @@ def load(
             f"{path}: the table layout in config.json does not match the model the config "
             "describes: the folder was edited; convert the source again"
         )
-    table = tensors.pop(table_name).to(dtype)
+    residual, qkv = (tensors.pop(name).to(dtype) for name in names)
     vocab_size = info.config.vocab_size
-    if tuple(table.shape) != (vocab_size, layout.width):
-        raise FirstLayerError(
-            f"{info.weights}: the table is {tuple(table.shape)}, the config asks for "
-            f"({vocab_size}, {layout.width}): the weights do not belong to this config"
-        )
+    for name, block, width in zip(
+        names, (residual, qkv), (layout.hidden_size, layout.qkv_width), strict=True
+    ):
+        if tuple(block.shape) != (vocab_size, width):
+            raise FirstLayerError(
+                f"{info.weights}: {name} is {tuple(block.shape)}, the config asks for "
+                f"({vocab_size}, {width}): the weights do not belong to this config"
+            )
     lm_head_from_table = bool(record["lm_head"]["reads_table"])
-    patch(model, parts, layout, table, lm_head_from_table)
+    patch(model, parts, layout, residual, qkv, lm_head_from_table)
     try:
         missing, unexpected = model.load_state_dict(
             {name: _cast(t, dtype) for name, t in tensors.items()}, strict=False, assign=True
@@ -299,9 +302,7 @@ def load(
         raise FirstLayerError(
             f"{info.weights}: weights disagree with the config ({detail}); convert again"
         ) from None
-    allowed_missing = (
-        {table_name, f"{parts.lm_head}.weight"} if lm_head_from_table else {table_name}
-    )
+    allowed_missing = set(names) | ({f"{parts.lm_head}.weight"} if lm_head_from_table else set())
     missing = set(missing) - allowed_missing
     if missing or unexpected:
         raise FirstLayerError(
@@ -335,7 +336,8 @@ def check(path: str | Path) -> list[str]:
     try:
         with safe_open(info.weights, "pt") as weights:
             source = (weights.metadata() or {}).get("firstlayer_source")
-            table = weights.get_slice(f"{info.record['table']['module']}.table").get_shape()
+            module = info.record["table"]["module"]
+            shapes = [weights.get_slice(f"{module}.{block}").get_shape() for block in BLOCKS]
     except Exception as error:  # safetensors raises its own error types
         raise FirstLayerError(f"{info.weights} cannot be read ({error}): convert again") from None
     if source != info.record.get("source_fingerprint"):
@@ -345,10 +347,12 @@ def check(path: str | Path) -> list[str]:
         )
     lines.append(f"source fingerprint {source[:16]}... matches in config and weights")
     width = info.record["table"]["width"]
-    if table != [info.config.vocab_size, width]:
+    hidden = info.record["table"]["hidden_size"]
+    vocab_size = info.config.vocab_size
+    if shapes != [[vocab_size, hidden], [vocab_size, width - hidden]]:
         raise FirstLayerError(
-            f"{path}: the table is {table}, the config asks for "
-            f"[{info.config.vocab_size}, {width}]: convert again"
+            f"{path}: the table blocks are {shapes}, the config asks for "
+            f"[{vocab_size}, {hidden}] and [{vocab_size}, {width - hidden}]: convert again"
         )
-    lines.append(f"table {table[0]:,} x {table[1]:,} matches the config and its layout")
+    lines.append(f"table {vocab_size:,} x {width:,} matches the config and its layout")
     return lines

@@ -46,32 +46,41 @@ class RowHandoff:
 class TableEmbedding(nn.Module):
     """Replaces the input embedding: looks up table rows, returns their first D columns."""
 
-    def __init__(self, table: Tensor, hidden_size: int, handoff: RowHandoff, scale: Tensor | None):
+    def __init__(self, residual: Tensor, qkv: Tensor, handoff: RowHandoff, scale: Tensor | None):
         super().__init__()
-        self.table = nn.Parameter(table, requires_grad=False)  # (V, W)
-        self.hidden_size = hidden_size
+        assert residual.shape[0] == qkv.shape[0], (residual.shape, qkv.shape)
+        # Parameters that require grad, like every weight of a transformers model: torch's matmul
+        # folds (B, T, D) @ W.T into one mm only when W requires grad or the input is contiguous,
+        # and the LM head's input (the last position of a prefill) is not. Without it a tied LM
+        # head would run as a batched matmul, several times slower.
+        self.residual = nn.Parameter(residual)  # (V, D): x or x + mlp(x)
+        self.qkv = nn.Parameter(qkv)  # (V, W - D): q, k, v before RoPE
         self.handoff = handoff
         # Gemma's sqrt(D), applied at run time so that the stored x can also serve the LM head.
         self.register_buffer("embed_scale", scale, persistent=False)
 
     @property
     def num_embeddings(self) -> int:
-        return self.table.shape[0]
+        return self.residual.shape[0]
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.num_embeddings)
-        rows = nn.functional.embedding(input_ids, self.table)  # (B, T, W)
-        self.handoff.rows = rows
-        first = rows[..., : self.hidden_size]  # (B, T, D): x, or x + mlp(x) for parallel blocks
+        self.handoff.rows = nn.functional.embedding(input_ids, self.qkv)  # (B, T, W - D)
+        first = nn.functional.embedding(input_ids, self.residual)  # (B, T, D)
         return first if self.embed_scale is None else first * self.embed_scale.to(first.dtype)
 
+    def table(self) -> Tensor:
+        """The whole table, [residual | q | k | v] (a copy, for inspection)."""
+        return torch.cat([self.residual, self.qkv], dim=1)
+
     def extra_repr(self) -> str:
-        return f"{self.table.shape[0]}, {self.hidden_size} of {self.table.shape[1]} columns"
+        vocab, hidden = self.residual.shape
+        return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns"
 
 
 class TableRows(nn.Module):
-    """Replaces layer 0's attention norm: hands attention the whole row instead of norm(x)."""
+    """Replaces layer 0's attention norm: hands attention the row's q, k, v instead of norm(x)."""
 
     def __init__(self, handoff: RowHandoff):
         super().__init__()
@@ -84,7 +93,7 @@ class TableRows(nn.Module):
 
 
 class Columns(nn.Module):
-    """Replaces a q/k/v projection: its precomputed output is a slice of the row."""
+    """Replaces a q/k/v projection: its precomputed output is a slice of the row's qkv block."""
 
     def __init__(self, start: int, stop: int):
         super().__init__()
@@ -131,38 +140,45 @@ def parts_of(model: nn.Module) -> tuple[Parts, bool]:
 
 
 def lm_head_reads_table(model: nn.Module, parts: Parts, parallel: bool) -> bool:
-    """Whether the LM head will read the table's x columns: serial blocks and a tied LM head."""
+    """Whether the LM head will read the table's x block: serial blocks and a tied LM head."""
     embedding = model.get_submodule(parts.embedding).weight
     lm_head = model.get_submodule(parts.lm_head).weight
     return not parallel and lm_head.data_ptr() == embedding.data_ptr()
 
 
-def patch(model: nn.Module, parts: Parts, layout: Layout, table: Tensor, lm_head_from_table: bool):
+def patch(
+    model: nn.Module,
+    parts: Parts,
+    layout: Layout,
+    residual: Tensor,
+    qkv: Tensor,
+    lm_head_from_table: bool,
+) -> nn.Module:
     """Swap layer 0's token-local modules for the table, in place; returns the model.
 
-    lm_head_from_table: the LM head reads the table's x columns (a view, not a copy); for serial
-    models whose LM head was tied to the input embedding.
+    lm_head_from_table: the LM head reads the table's x block, the same tensor, as a tied head
+    reads the embedding; for serial models whose LM head was tied to the input embedding.
     """
-    assert table.shape[1] == layout.width, (table.shape, layout.width)
+    assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
+    assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
     embedding = model.get_submodule(parts.embedding)
     handoff = RowHandoff()
-    model.set_submodule(
-        parts.embedding, TableEmbedding(table, layout.hidden_size, handoff, embed_scale(embedding))
-    )
+    table = TableEmbedding(residual, qkv, handoff, embed_scale(embedding))
+    model.set_submodule(parts.embedding, table)
     model.set_submodule(parts.attn_norm, TableRows(handoff))
     for column in layout.columns:
-        model.set_submodule(column.module, Columns(column.start, column.stop))
+        start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
+        model.set_submodule(column.module, Columns(start, stop))
     for name in parts.head_norms.values():
         model.set_submodule(name, nn.Identity())
     if layout.is_parallel:
         if parts.mlp_norm is not None:
             model.set_submodule(parts.mlp_norm, nn.Identity())
         model.set_submodule(parts.mlp, Zeros(layout.hidden_size))
-    lm_head = model.get_submodule(parts.lm_head)
     if lm_head_from_table:
         assert not layout.is_parallel, "a parallel row's first columns hold x + mlp(x), not x"
-        lm_head.weight = nn.Parameter(table[:, : layout.hidden_size], requires_grad=False)
-    # No re-tie may ever point the LM head at the (wider) table.
+        model.get_submodule(parts.lm_head).weight = table.residual
+    # The tie is ours now: no re-tie by transformers may point the LM head anywhere else.
     model.config.tie_word_embeddings = False
     model.all_tied_weights_keys = {}
     model.register_forward_pre_hook(refuse_embeddings_input, with_kwargs=True)
@@ -191,8 +207,12 @@ def firstlayer_record(
         "format_version": FORMAT_VERSION,
         "model_type": model.config.model_type,
         "architecture": "parallel" if layout.is_parallel else "serial",
-        "table": {"module": parts.embedding, **layout.to_dict(), "dtype": str(table_dtype)[6:]},
-        # Serial models with a tied LM head read the table's x columns: one copy of E on disk.
+        "table": {
+            "module": parts.embedding,
+            **layout.to_dict(),
+            "dtype": str(table_dtype).removeprefix("torch."),
+        },
+        # Serial models with a tied LM head read the table's x block: one copy of E on disk.
         "lm_head": {"module": parts.lm_head, "reads_table": lm_head_from_table},
         "eliminated": list(parts.eliminated(layout.is_parallel)),
     }
@@ -217,14 +237,18 @@ def precompute(
     token_local = TokenLocal(model, parts, layout)
     vocab_size, device = token_local.embedding_weight.shape[0], token_local.embedding_weight.device
     table_dtype = dtype or token_local.embedding_weight.dtype
-    table = torch.empty(vocab_size, layout.width, dtype=table_dtype, device=device)
-    for start, rows in table_chunks(token_local, vocab_size):
-        table[start : start + len(rows)] = rows
-        if progress:
-            progress(start + len(rows), vocab_size)
+    blocks = {
+        "residual": torch.empty(vocab_size, layout.hidden_size, dtype=table_dtype, device=device),
+        "qkv": torch.empty(vocab_size, layout.qkv_width, dtype=table_dtype, device=device),
+    }
+    for index, (name, block) in enumerate(blocks.items()):
+        for start, rows in table_chunks(token_local, vocab_size, name):
+            block[start : start + len(rows)] = rows
+            if progress:
+                progress(index * vocab_size + start + len(rows), 2 * vocab_size)
     lm_head_from_table = lm_head_reads_table(model, parts, parallel)
     del token_local
     model.config.firstlayer = firstlayer_record(
         model, parts, layout, lm_head_from_table, table_dtype
     )
-    return patch(model, parts, layout, table, lm_head_from_table)
+    return patch(model, parts, layout, blocks["residual"], blocks["qkv"], lm_head_from_table)

@@ -7,6 +7,10 @@ A row holds, for one token id, everything layer 0 computes from that token alone
 
 q, k and v are the projections' outputs before RoPE, in each family's own column layout (NeoX's
 per-head interleave, Falcon's grouped kv, Phi-3's fused qkv), with per-head q/k norms applied.
+
+The table is stored as two blocks of columns, `residual` (V, D) and `qkv` (V, W - D), so that a
+tied LM head reads the residual block as an ordinary contiguous weight (a strided view into one
+wide table made the LM head's matmul up to a tenth slower on CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class Layout:
     @property
     def width(self) -> int:
         return self.columns[-1].stop if self.columns else self.hidden_size
+
+    @property
+    def qkv_width(self) -> int:
+        return self.width - self.hidden_size
 
     def to_dict(self) -> dict:
         return {
@@ -104,12 +112,22 @@ class TokenLocal(nn.Module):
         self.layout = layout
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor) -> Tensor:
-        """Rows for token ids (N,) -> (N, W) in the build dtype."""
+    def residual(self, ids: Tensor) -> Tensor:
+        """The first D columns for token ids (N,): x, or x + mlp(n2(x)) for parallel blocks."""
         x_plain = self.embedding_weight[ids].to(self.build_dtype)  # (N, D)
+        if not self.is_parallel:
+            return x_plain  # unscaled: Gemma's sqrt(D) is applied at run time
         x = x_plain if self.scale is None else x_plain * self.scale
+        return x + self.mlp(self.mlp_norm(x))
+
+    @torch.inference_mode()
+    def qkv(self, ids: Tensor) -> Tensor:
+        """The q, k, v columns for token ids (N,): (N, W - D)."""
+        x = self.embedding_weight[ids].to(self.build_dtype)  # (N, D)
+        if self.scale is not None:
+            x = x * self.scale
         normed = self.attn_norm(x)
-        blocks = [x + self.mlp(self.mlp_norm(x)) if self.is_parallel else x_plain]
+        blocks = []
         for projection, head_norm, has_norm in zip(
             self.projections, self.head_norms, self.has_head_norm, strict=True
         ):
@@ -120,16 +138,21 @@ class TokenLocal(nn.Module):
                 out = head_norm(out.unflatten(-1, (-1, head_dim))).flatten(-2)
             blocks.append(out)
         rows = torch.cat(blocks, dim=-1)
-        assert rows.shape == (len(ids), self.layout.width), rows.shape
+        assert rows.shape == (len(ids), self.layout.qkv_width), rows.shape
         return rows
 
 
+BLOCKS = ("residual", "qkv")
+
+
 def table_chunks(
-    token_local: TokenLocal, vocab_size: int, chunk_rows: int | None = None
+    token_local: TokenLocal, vocab_size: int, block: str, chunk_rows: int | None = None
 ) -> Iterator[tuple[int, Tensor]]:
-    """(first id, rows) for the whole vocabulary in order, `chunk_rows` ids at a time."""
+    """(first id, rows of `block`) for the whole vocabulary in order, `chunk_rows` ids at a time."""
+    assert block in BLOCKS, block
+    rows_of = getattr(token_local, block)
     chunk_rows = chunk_rows or CHUNK_ROWS
     device = token_local.embedding_weight.device
     for start in range(0, vocab_size, chunk_rows):
         ids = torch.arange(start, min(start + chunk_rows, vocab_size), device=device)
-        yield start, token_local(ids)
+        yield start, rows_of(ids)

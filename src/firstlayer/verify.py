@@ -52,12 +52,8 @@ class VerifyReport:
 
 
 def weights_count(model: nn.Module) -> int:
-    """Weights the model holds, each storage once: a tied or table-view LM head is not counted."""
-    record = getattr(model.config, "firstlayer", None) or {}
-    total = sum(p.numel() for p in model.parameters())  # tied parameters appear once
-    if record.get("lm_head", {}).get("reads_table"):
-        total -= model.get_submodule(record["lm_head"]["module"]).weight.numel()
-    return total
+    """Weights the model holds, each once: a tied LM head (the table's x block) counts once."""
+    return sum(p.numel() for p in model.parameters())  # tied parameters appear once
 
 
 def prompt_batch(tokenizer: Any | None, prompts: tuple[str, ...], vocab_size: int) -> dict:
