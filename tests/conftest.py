@@ -13,6 +13,16 @@ from torch import nn
 from firstlayer.arch import adapter_for
 
 
+@pytest.fixture(autouse=True, scope="session")
+def transformers_logs_through_pytest():
+    """transformers' own stderr handler would keep the first test's captured (later closed)
+    stream; send its records through the root logger, where pytest captures them per test."""
+    from transformers.utils import logging
+
+    logging.disable_default_handler()
+    logging.enable_propagation()
+
+
 @dataclass(frozen=True)
 class Family:
     """One test case: a model type and what its tiny config sets beyond the adapter's defaults."""

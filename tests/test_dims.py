@@ -122,7 +122,8 @@ def test_is_parallel(config, expected):
 
 
 def test_is_parallel_accepts_a_transformers_config():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     assert is_parallel(transformers.GPTNeoXConfig(use_parallel_residual=False)) is False
     assert is_parallel(transformers.FalconConfig()) is True
 
@@ -179,7 +180,8 @@ def test_unknown_family_falls_back_to_generic_names_and_serial():
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_DEFAULTS))
 def test_family_defaults_match_transformers(model_type):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     full = transformers.AutoConfig.for_model(model_type).to_dict()
     for key, value in FAMILY_DEFAULTS[model_type].items():
         assert full[key] == value, key
@@ -188,7 +190,8 @@ def test_family_defaults_match_transformers(model_type):
 @pytest.mark.parametrize("model_type", sorted(FAMILY_DEFAULTS))
 def test_short_config_reads_like_the_full_one(model_type):
     # config.json files written by older transformers leave default fields out.
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     dims = dict(
         hidden_size=64,
         intermediate_size=128,

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.gguf_header import MAX_LISTED, read_gguf_header
 from firstlayer.sources import default_gguf_path
-
-gguf = pytest.importorskip("gguf")
 
 
 def reader_view(path: Path) -> tuple[dict[str, Any], dict[str, int], dict[str, tuple[int, ...]]]:
@@ -140,7 +140,10 @@ def test_every_cut_of_a_header_raises_first_layer_error(tmp_path):
         with pytest.raises(FirstLayerError, match=f"{cut}: (truncated GGUF header|not a GGUF)"):
             read_gguf_header(cut)
     cut.write_bytes(whole[:header_bytes])
-    assert read_gguf_header(cut) == read_gguf_header(path)
+    # The header alone reads the same; only the file's size (its tensor data) differs.
+    assert replace(read_gguf_header(cut), file_size=0) == replace(
+        read_gguf_header(path), file_size=0
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"GG", b"PK\x03\x04 a zip file, say", b"{}"])

@@ -136,8 +136,9 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny_models():
     """Tiny random transformers models, built once for the module."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     models = {}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from firstlayer.dims import model_dims
 from firstlayer.errors import FirstLayerError
 from firstlayer.sources import PRESETS, default_gguf_path, resolve_source
-
-gguf = pytest.importorskip("gguf")
 
 
 def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[int, ...]], **meta: int) -> Path:

@@ -284,6 +284,12 @@ def bench(
             "bench needs --new-tokens >= 2 (the first comes from prefill), --prompt-tokens >= 1, "
             "--repeats >= 1 and batch sizes >= 1"
         )
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise FirstLayerError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the model's "
+            f"context of {context} tokens: ask for fewer"
+        )
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     config = model.config.to_dict()

@@ -95,6 +95,7 @@ def _publish(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
     if out.exists() and not force:
         raise FirstLayerError(f"{out} exists: choose another output folder or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     tmp = out.parent / f".{out.name}.firstlayer-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -111,6 +112,24 @@ def _publish(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete temporary siblings of `out` left by conversions that were killed (SIGKILL)."""
+    for tmp in out.parent.glob(f".{out.name}.firstlayer-*-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_folder(

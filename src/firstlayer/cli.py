@@ -174,7 +174,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from firstlayer.loading import load_source
 
     dtype = dtype_arg(args.dtype)
-    loaded = load_source(args.source, refuse_precomputed=True)
+    loaded = load_source(args.source, to_convert=True)
     with progress_bar("table rows") as update:
         out = convert(loaded.model, args.out, loaded.tokenizer, dtype, args.force, update)
     print(f"wrote {out}: {describe_folder(out)}")
@@ -212,7 +212,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from firstlayer.savings import analyze
     from firstlayer.verify import verify
 
-    original = load_source(args.source, dtype=torch.float32, refuse_precomputed=True)
+    original = load_source(args.source, dtype=torch.float32, to_convert=True)
     model = load(args.out)
     report = verify(original.model, model, original.tokenizer, max_new_tokens=args.max_new_tokens)
     predicted = analyze(original.model.config.to_dict(), accounting="exact").memory.net
@@ -374,7 +374,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype_arg(args.dtype) or torch.float32
-    loaded = load_source(args.source, dtype=dtype, allow_random=True, refuse_precomputed=True)
+    loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     with progress_bar("bench") as update:
         result = bench(

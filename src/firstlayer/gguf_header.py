@@ -19,6 +19,7 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # version 1 had 32-bit counts; llama.cpp writes 3
 MAX_LISTED = 1024  # arrays up to this long (per-layer head counts) are kept as lists
 MAX_NESTING = 8  # arrays of arrays are legal but unused; a deeper chain is a corrupt file
+DEFAULT_ALIGNMENT = 32  # tensor data starts at a multiple of general.alignment, 32 by default
 CHUNK_BYTES = 1 << 20  # one read covers most headers; the tokenizer arrays take a few
 
 STRING, ARRAY = 8, 9
@@ -40,6 +41,10 @@ class GGUFHeader:
     metadata: dict[str, Any]  # key -> str, int, float, bool, or a list (arrays of <= MAX_LISTED)
     array_lengths: dict[str, int]  # every array-valued key -> its length (outer, if nested)
     tensors: dict[str, tuple[int, ...]]  # name -> dims innermost first (ne[0], ...), as in ggml
+    tensor_types: dict[str, int]  # name -> ggml type (0 F32, 1 F16, 3 Q4_1, ...)
+    tensor_offsets: dict[str, int]  # name -> offset of its data from `data_start`
+    data_start: int  # where tensor data begins: the header's end, aligned
+    file_size: int
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
@@ -83,14 +88,24 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         else:
             metadata[key] = _value(cur, kind, key)
     tensors: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
+    offsets: dict[str, int] = {}
     for _ in range(tensor_count):
         name = cur.string("a tensor name")
         if name in tensors:
             raise cur.error(f"tensor {name!r} appears twice: the file is corrupt")
         n_dims = cur.count(8, f"the dimension count of tensor {name!r}", U32)
         tensors[name] = cur.unpack_many("Q", n_dims, f"the dimensions of tensor {name!r}")
-        cur.skip(4 + 8, f"the type and offset of tensor {name!r}")  # ggml type, data offset
-    return GGUFHeader(version, metadata, array_lengths, tensors)
+        types[name] = cur.unpack(U32, f"the type of tensor {name!r}")
+        offsets[name] = cur.unpack(U64, f"the data offset of tensor {name!r}")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment < 1:
+        raise cur.error(f"general.alignment is {alignment!r}: the file is corrupt")
+    end = cur.offset + cur.pos
+    data_start = end + (-end % alignment)
+    return GGUFHeader(
+        version, metadata, array_lengths, tensors, types, offsets, data_start, cur.size
+    )
 
 
 def _value(cur: _Cursor, kind: int, key: str) -> Any:
