@@ -77,7 +77,7 @@ def test_ceilings_come_from_the_exact_analysis():
     analysis = analyze(model.config.to_dict(), accounting="exact")
     for r in result.results:
         assert r.decode_ceiling == analysis.decode_ceiling(r.batch)
-        assert r.prefill_ceiling == analysis.prefill_ceiling(r.batch)
+        assert r.prefill_ceiling == analysis.prefill_ceiling(r.batch, prompt_tokens=3)
         assert r.bytes_per_step["original"] == 4 * analysis.weights_read_per_step(r.batch, False)
         assert r.bytes_per_step["precomputed"] == 4 * analysis.weights_read_per_step(r.batch, True)
     assert result.memory_bytes["precomputed"] != result.memory_bytes["original"]

@@ -152,8 +152,6 @@ def test_json_holds_one_object_per_model(capsys):
 
 
 def test_plot_writes_a_png(capsys, tmp_path):
-    import matplotlib  # noqa: F401  (a declared dependency)
-
     path = tmp_path / "analysis.png"
     code, _, err = run(capsys, "mistral-7b", "pythia-6.9b", "--plot", str(path))
     assert code == 0 and str(path) in err

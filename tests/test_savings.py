@@ -269,6 +269,15 @@ def test_weights_read_per_step_by_hand():
         assert a.decode_ceiling(b) == without / a.weights_read_per_step(b, True)
     assert a.flops_per_token(False) == 2 * (2 * layer + 64 + head)
     assert a.prefill_ceiling(1) == a.prefill_ceiling(4096)
+    # A prompt of T tokens runs the LM head once (logits at the last position only).
+    body, saved = 2 * (2 * layer + 64), 2 * (64 + 3 * 64 * 64)
+    for tokens in (1, 32):
+        without = tokens * body + 2 * head
+        assert a.prefill_flops(tokens, False) == without
+        assert a.prefill_ceiling(1, tokens) == without / (without - tokens * saved)
+    assert a.prefill_ceiling(1, 1) == a.prefill_ceiling(1)
+    assert a.prefill_ceiling(1, 32) > a.prefill_ceiling(1)
+    assert 1 - 1 / a.prefill_ceiling(1, 10**6) <= a.max_saving
 
 
 BOUND_CASES = [*PRESETS, "default"]

@@ -58,7 +58,7 @@ class BatchResult:
     decode_ms: Pair  # one decode step: one new token for each of `batch` sequences
     prefill_ms: Pair  # the whole prompt batch
     decode_ceiling: float  # analyser, exact accounting: weights read per step, bytes-bound
-    prefill_ceiling: float  # analyser, exact accounting: FLOPs per token, compute-bound
+    prefill_ceiling: float  # analyser, exact accounting: FLOPs of the prompt, compute-bound
     bytes_per_step: dict[str, int]  # weights read per decode step, from the analyser
 
     @property
@@ -321,7 +321,7 @@ def bench(
                 decode_ms=decode_ms,
                 prefill_ms=prefill_ms,
                 decode_ceiling=analysis.decode_ceiling(batch),
-                prefill_ceiling=analysis.prefill_ceiling(batch),
+                prefill_ceiling=analysis.prefill_ceiling(batch, prompt_tokens),
                 bytes_per_step={
                     "original": itemsize * analysis.weights_read_per_step(batch, False),
                     "precomputed": itemsize * analysis.weights_read_per_step(batch, True),

@@ -122,7 +122,7 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
     """Refuse ids outside the table: a lookup would fail deep in torch or, on GPUs, read garbage."""
     if input_ids.numel() == 0:
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = (int(v) for v in torch.aminmax(input_ids))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(

@@ -148,9 +148,21 @@ class Analysis:
         """Decode speed-up if a step is bound by reading weights (KV-cache reads left out)."""
         return self.weights_read_per_step(batch, False) / self.weights_read_per_step(batch, True)
 
-    def prefill_ceiling(self, batch: int) -> float:
-        """Prefill speed-up if bound by FLOPs; per-token FLOPs do not depend on the batch."""
-        return self.flops_per_token(False) / self.flops_per_token(True)
+    def prefill_flops(self, prompt_tokens: int, precomputed: bool) -> int:
+        """FLOPs of one prompt whose logits are taken at its last position only, as generate()
+        does: the LM head runs once, every other weight once per token."""
+        head = 2 * self.cost.head
+        return prompt_tokens * (self.flops_per_token(precomputed) - head) + head
+
+    def prefill_ceiling(self, batch: int, prompt_tokens: int | None = None) -> float:
+        """Prefill speed-up if bound by FLOPs; per-token FLOPs do not depend on the batch.
+
+        Without `prompt_tokens`, every token goes through the LM head; with it, only the last
+        of each prompt does, which leaves the head out of most of the work.
+        """
+        if prompt_tokens is None:
+            return self.flops_per_token(False) / self.flops_per_token(True)
+        return self.prefill_flops(prompt_tokens, False) / self.prefill_flops(prompt_tokens, True)
 
     def as_json(self) -> dict[str, Any]:
         m = self.dims
