@@ -6,12 +6,24 @@ The public API is imported lazily so that `firstlayer analyze` answers without i
 from importlib import import_module
 from typing import Any
 
-__all__ = ["analyze", "precompute", "save", "load", "verify", "bench", "FirstLayerError"]
+__all__ = [
+    "analyze",
+    "precompute",
+    "convert",
+    "save",
+    "load",
+    "check",
+    "verify",
+    "bench",
+    "FirstLayerError",
+]
 
 _HOMES = {
     "analyze": "firstlayer.savings",
     "precompute": "firstlayer.runtime",
+    "convert": "firstlayer.checkpoint",
     "save": "firstlayer.checkpoint",
+    "check": "firstlayer.checkpoint",
     "load": "firstlayer.checkpoint",
     "verify": "firstlayer.verify",
     "bench": "firstlayer.bench",

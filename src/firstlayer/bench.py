@@ -110,7 +110,9 @@ class BenchResult:
     repeats: int
     bandwidth: float  # bytes/s of a large copy on this device
     overhead_ms: float  # one decode step of the same architecture at toy width: framework cost
-    memory_bytes: dict[str, int]  # weights + KV cache of each model
+    # CUDA: peak allocated while each model ran; CPU, where one process holds both: weights and
+    # KV cache of each (RSS cannot tell the two models apart).
+    memory_bytes: dict[str, int]
     results: tuple[BatchResult, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +167,7 @@ class DecodeLoop:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        self.peak_bytes = 0  # CUDA only: the most allocated during any of this loop's runs
         self.step = model.forward
         if compile:
             # Two models x (prefill, decode) shapes x batch sizes share one forward code object:
@@ -172,40 +175,40 @@ class DecodeLoop:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self.step = torch.compile(model.forward, dynamic=False)
 
-    @torch.inference_mode()
-    def run(self, prompt: Tensor, new_tokens: int) -> tuple[float, list[float]]:
-        """(prefill seconds, seconds of each decode step); prefill makes the first new token."""
-        self.cache.reset()
-        batch, length = prompt.shape
-        synchronize(self.device)
-        start = time.perf_counter()
-        positions = torch.arange(length, device=self.device).expand(batch, length)
+    def next_token(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """One forward pass through the cache; the greedy next token of each sequence (B, 1)."""
         logits = self.step(
-            input_ids=prompt,
+            input_ids=ids,
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def run(self, prompt: Tensor, new_tokens: int) -> tuple[float, list[float]]:
+        """(prefill seconds, seconds of each decode step); prefill makes the first new token."""
+        self.cache.reset()
+        batch, length = prompt.shape
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        token = self.next_token(prompt, torch.arange(length, device=self.device).expand(batch, -1))
         synchronize(self.device)
         prefill = time.perf_counter() - start
         steps, tokens = [], [token]
         for position in range(length, length + new_tokens - 1):
             positions = torch.full((batch, 1), position, device=self.device)
             start = time.perf_counter()
-            logits = self.step(
-                input_ids=token,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token = self.next_token(token, positions)
             synchronize(self.device)
             steps.append(time.perf_counter() - start)
             tokens.append(token)
         self.tokens = torch.cat(tokens, dim=1)  # (B, new_tokens): the greedy continuation
+        if self.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         return prefill, steps
 
     def cache_bytes(self) -> int:
@@ -328,10 +331,10 @@ def bench(
                 },
             )
         )
-        memory = {
-            "original": weights_count(model) * itemsize + loops["original"].cache_bytes(),
-            "precomputed": weights_count(twin) * itemsize + loops["precomputed"].cache_bytes(),
-        }
+        for name, held in (("original", model), ("precomputed", twin)):
+            loop = loops[name]
+            resident = weights_count(held) * itemsize + loop.cache_bytes()
+            memory[name] = max(memory.get(name, 0), loop.peak_bytes or resident)
         del loops
     toy = random_model(toy_width(config), dtype).to(device)
     toy_loop = DecodeLoop(toy, max_tokens, compile)

@@ -59,30 +59,8 @@ def format_bench(result: BenchResult) -> str:
         f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new tokens, "
         f"{result.repeats} alternating runs per model after a warm-up; medians [min-max]"
     )
-    header = (
-        f"{'batch':>5}  {'decode ms/step: original':>26}  {'precomputed':>21}  "
-        f"{'speedup':>7}  {'ceiling':>7}  {'captured':>8}  {'tok/s orig':>10}  "
-        f"{'tok/s pre':>9}"
-    )
-    rows = [header]
-    for r in result.results:
-        tps = r.tokens_per_s()
-        rows.append(
-            f"{r.batch:>5}  {_spread(r.decode_ms.original):>26}  "
-            f"{_spread(r.decode_ms.precomputed):>21}  {r.decode_speedup:>6.4f}x  "
-            f"{r.decode_ceiling:>6.4f}x  {_share(r.decode_captured):>8}  "
-            f"{tps['original']:>10.1f}  {tps['precomputed']:>9.1f}"
-        )
-    prefill = [
-        f"{'batch':>5}  {'prefill ms: original':>26}  {'precomputed':>21}  "
-        f"{'speedup':>7}  {'ceiling':>7}  {'captured':>8}"
-    ]
-    for r in result.results:
-        prefill.append(
-            f"{r.batch:>5}  {_spread(r.prefill_ms.original):>26}  "
-            f"{_spread(r.prefill_ms.precomputed):>21}  {r.prefill_speedup:>6.4f}x  "
-            f"{r.prefill_ceiling:>6.4f}x  {_share(r.prefill_captured):>8}"
-        )
+    rows = _phase_rows(result, "decode", "decode ms/step: original", tokens_per_s=True)
+    prefill = _phase_rows(result, "prefill", "prefill ms: original", tokens_per_s=False)
     roof = [
         f"memory bandwidth (a {result.bandwidth / GB:.1f} GB/s copy): weight bytes read per "
         "decode step / step latency, as a share of it"
@@ -101,8 +79,9 @@ def format_bench(result: BenchResult) -> str:
         f"at toy width), {100 * result.overhead_ms / step:.1f}% of the batch-"
         f"{result.results[0].batch} step"
     )
+    what = "weights + KV cache" if result.device == "cpu" else "peak allocated"
     memory = (
-        f"memory (weights + KV cache): original {result.memory_bytes['original'] / 2**20:,.1f} "
+        f"memory ({what}): original {result.memory_bytes['original'] / 2**20:,.1f} "
         f"MiB, precomputed {result.memory_bytes['precomputed'] / 2**20:,.1f} MiB"
     )
     ceilings = (
@@ -114,6 +93,26 @@ def format_bench(result: BenchResult) -> str:
     return "\n\n".join(
         [head, "\n".join(rows), "\n".join(prefill), "\n".join(roof), overhead, memory, ceilings]
     )
+
+
+def _phase_rows(result: BenchResult, phase: str, title: str, tokens_per_s: bool) -> list[str]:
+    header = (
+        f"{'batch':>5}  {title:>26}  {'precomputed':>21}  {'speedup':>7}  {'ceiling':>7}  "
+        f"{'captured':>8}" + (f"  {'tok/s orig':>10}  {'tok/s pre':>9}" if tokens_per_s else "")
+    )
+    rows = [header]
+    for r in result.results:
+        timing = getattr(r, f"{phase}_ms")
+        row = (
+            f"{r.batch:>5}  {_spread(timing.original):>26}  {_spread(timing.precomputed):>21}  "
+            f"{timing.speedup:>6.4f}x  {getattr(r, f'{phase}_ceiling'):>6.4f}x  "
+            f"{_share(getattr(r, f'{phase}_captured')):>8}"
+        )
+        if tokens_per_s:
+            tps = r.tokens_per_s()
+            row += f"  {tps['original']:>10.1f}  {tps['precomputed']:>9.1f}"
+        rows.append(row)
+    return rows
 
 
 def _spread(spread) -> str:

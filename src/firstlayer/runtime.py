@@ -4,10 +4,10 @@
     parallel: x = R[t] + attn(rope(Q[t]), rope(K[t]), V[t]),  R[t] = E[t] + mlp(n2(E[t]))
 
 The patch works inside each family's own layer code: the embedding returns the row's first D
-columns and hands the whole row to layer 0, whose attention norm passes it on to attention, where
-every projection becomes a slice of it. RoPE, KV caches, masks, sliding windows and sandwich norms
-stay the family's, so generate() works as before. For a parallel block the MLP returns zeros, its
-work being already in R[t].
+columns and hands its q, k, v columns to layer 0, whose attention norm passes them on to
+attention, where every projection becomes a slice of them. RoPE, KV caches, masks, sliding
+windows and sandwich norms stay the family's, so generate() works as before. For a parallel block
+the MLP returns zeros, its work being already in R[t].
 """
 
 from __future__ import annotations

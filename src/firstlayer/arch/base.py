@@ -43,6 +43,16 @@ class Adapter:
     tiny: Mapping[str, Any]  # AutoConfig.for_model(model_type, **tiny) builds a test model
 
 
+# The dimensions every family's test model shares; adapters add what their config calls differently.
+TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
+
+
 def embed_scale(embedding: nn.Module) -> Tensor | None:
     """The factor a scaled word embedding multiplies its rows by (Gemma: sqrt(D)), else None."""
     # Gemma's *ScaledWordEmbedding keeps sqrt(D) as a float32 buffer and casts it to the weight's

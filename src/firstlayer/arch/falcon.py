@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from firstlayer.arch.base import Adapter, Parts, has_module
+from firstlayer.arch.base import TINY, Adapter, Parts, has_module
 
 
 def parts(model: nn.Module) -> Parts:
@@ -23,14 +23,5 @@ def parts(model: nn.Module) -> Parts:
 ADAPTER = Adapter(
     model_types=("falcon",),
     parts=parts,
-    tiny=dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=256,
-        multi_query=True,
-        parallel_attn=True,
-        alibi=False,
-        bias=False,
-    ),
+    tiny={**TINY, "multi_query": True, "parallel_attn": True, "alibi": False, "bias": False},
 )

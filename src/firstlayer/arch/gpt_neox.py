@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from firstlayer.arch.base import Adapter, Parts
+from firstlayer.arch.base import TINY, Adapter, Parts
 
 
 def parts(model: nn.Module) -> Parts:
@@ -23,14 +23,5 @@ def parts(model: nn.Module) -> Parts:
 ADAPTER = Adapter(
     model_types=("gpt_neox",),
     parts=parts,
-    tiny=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-    ),
+    tiny={**TINY, "intermediate_size": 128, "rotary_pct": 0.25, "use_parallel_residual": True},
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from firstlayer.arch.base import Adapter, Parts, has_module
+from firstlayer.arch.base import TINY, Adapter, Parts, has_module
 
 
 def parts(model: nn.Module) -> Parts:
@@ -25,18 +25,8 @@ def parts(model: nn.Module) -> Parts:
     )
 
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_hidden_layers=2,
-    vocab_size=256,
-    max_position_embeddings=256,
-)
-
 ADAPTER = Adapter(
     model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
     parts=parts,
-    tiny=TINY,
+    tiny={**TINY, "intermediate_size": 96, "num_key_value_heads": 2},
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from firstlayer.arch.base import Adapter, Parts, has_module
+from firstlayer.arch.base import TINY, Adapter, Parts, has_module
 
 
 def parts(model: nn.Module) -> Parts:
@@ -27,13 +27,5 @@ def parts(model: nn.Module) -> Parts:
 ADAPTER = Adapter(
     model_types=("phi",),
     parts=parts,
-    tiny=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        partial_rotary_factor=0.5,
-    ),
+    tiny={**TINY, "intermediate_size": 128, "partial_rotary_factor": 0.5},
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from firstlayer.arch.base import Adapter, Parts
+from firstlayer.arch.base import TINY, Adapter, Parts
 
 
 def parts(model: nn.Module) -> Parts:
@@ -18,16 +18,12 @@ def parts(model: nn.Module) -> Parts:
 ADAPTER = Adapter(
     model_types=("phi3",),
     parts=parts,
-    tiny=dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    tiny={
+        **TINY,
+        "intermediate_size": 96,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 )
