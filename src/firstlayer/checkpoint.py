@@ -61,8 +61,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cast_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is stored in: `dtype` for floating-point weights, its own otherwise."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensor.to(_cast_dtype(tensor, dtype))
 
 
 def _kept_weights(
@@ -185,7 +190,7 @@ def convert(
     specs = [
         TensorSpec(f"{parts.embedding}.{block}", dtype, (vocab_size, widths[block]))
         for block in BLOCKS
-    ] + [TensorSpec(name, _cast(t, dtype).dtype, tuple(t.shape)) for name, t in kept.items()]
+    ] + [TensorSpec(name, _cast_dtype(t, dtype), tuple(t.shape)) for name, t in kept.items()]
 
     def chunks() -> Iterator[tuple[str, Tensor]]:
         for index, block in enumerate(BLOCKS):
