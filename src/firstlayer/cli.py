@@ -11,8 +11,6 @@ from typing import Any
 
 from firstlayer.errors import FirstLayerError
 
-Command = Callable[[argparse.Namespace], int]
-DEMO_QUESTION = "What is the capital of France?"
 DEMO_OUT = "out/SmolLM2-135M-Instruct-firstlayer"
 
 

@@ -28,7 +28,6 @@ class Loaded:
     model: nn.Module
     tokenizer: Any | None
     source: Source
-    is_precomputed: bool = False
 
 
 def is_precomputed_folder(path: Path) -> bool:
@@ -61,7 +60,7 @@ def load_source(
                 f"{spec} is a precomputed model already: give the original model as SOURCE"
             )
         model = load(path, dtype=dtype)
-        return Loaded(model, load_tokenizer(path), resolve_source(spec), is_precomputed=True)
+        return Loaded(model, load_tokenizer(path), resolve_source(spec))
     source = resolve_source(spec)
     if to_convert:
         adapter_for(source.config["model_type"])

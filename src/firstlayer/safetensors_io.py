@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +82,3 @@ def write_safetensors(
         assert spec is not None and written == spec.nbytes and next(expected, None) is None, (
             "tensors missing from the stream"
         )
-
-
-def whole(name: str, tensor: Tensor) -> Iterator[tuple[str, Tensor]]:
-    yield name, tensor
