@@ -83,14 +83,24 @@ def test_chunked_table_covers_every_row_once(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family_id", ["llama", "gpt_neox"])
-def test_bfloat16_conversion_is_closer_than_the_original_in_bfloat16(family_id, tmp_path):
-    original = build_tiny(next(f for f in FAMILIES if f.id == family_id))
+def test_bfloat16_conversion_is_closer_than_the_original_in_bfloat16(tiny, tmp_path):
+    """Where the models differ, layer 0, the table is at least as close to float32 as the
+    original's own bf16 arithmetic, entry by entry; end to end both carry the other layers'
+    bf16 rounding and verify reports both errors."""
+    from firstlayer.verify import REDUCED_PRECISION_LOGIT_FACTOR
+
+    original = tiny
     model = load(convert(clone(original), tmp_path / "bf16", dtype="bfloat16"))
     assert model.get_input_embeddings().qkv.dtype == torch.bfloat16
     report = verify(original, model)
+    (table_max, table_mean), (bf16_max, bf16_mean) = (
+        report.table_error,
+        report.baseline_layer0_error,
+    )
+    assert table_max <= bf16_max and table_mean < bf16_mean
     assert report.baseline_max_logit_diff is not None
-    assert report.max_logit_diff <= report.baseline_max_logit_diff
+    limit = REDUCED_PRECISION_LOGIT_FACTOR * report.baseline_mean_logit_diff
+    assert 0 < report.mean_logit_diff <= limit
     assert report.passed
 
 

@@ -84,11 +84,14 @@ class TokenLocal(nn.Module):
     disk after the model has been patched); the embedding weight is shared, not copied.
     """
 
-    def __init__(self, model: nn.Module, parts: Parts, layout: Layout):
+    def __init__(
+        self, model: nn.Module, parts: Parts, layout: Layout, dtype: torch.dtype | None = None
+    ):
+        """`dtype` overrides the build dtype: verify computes the rows as a bfloat16 model would."""
         super().__init__()
         embedding = model.get_submodule(parts.embedding)
         self.embedding_weight = embedding.weight  # (V, D), the model's dtype
-        self.build_dtype = (
+        self.build_dtype = dtype or (
             embedding.weight.dtype if embedding.weight.dtype in BUILD_DTYPES else torch.float32
         )
         scale = embed_scale(embedding)
