@@ -23,9 +23,9 @@ from firstlayer.errors import FirstLayerError
 from firstlayer.runtime import (
     FORMAT_VERSION,
     firstlayer_record,
-    lm_head_reads_table,
     parts_of,
     patch,
+    plan,
 )
 from firstlayer.safetensors_io import TensorSpec, write_safetensors
 from firstlayer.table import BLOCKS, Layout, TokenLocal, table_chunks, table_layout
@@ -177,9 +177,8 @@ def convert(
     close to the model's own size. Returns the folder.
     """
     dtype = parse_dtype(dtype) or model.get_input_embeddings().weight.dtype
-    parts, parallel = parts_of(model)
-    layout = table_layout(model, parts, parallel)
-    lm_head_from_table = lm_head_reads_table(model, parts, parallel)
+    parts, layout, lm_head_from_table = plan(model)
+    parallel = layout.is_parallel
     record = firstlayer_record(model, parts, layout, lm_head_from_table, dtype)
     record["source_fingerprint"] = weights_fingerprint(model)
     token_local = TokenLocal(model, parts, layout)

@@ -218,6 +218,16 @@ def firstlayer_record(
     }
 
 
+def plan(model: nn.Module) -> tuple[Parts, Layout, bool]:
+    """What precompute and convert do to a model: its parts, the table layout, and whether the
+    LM head will read the table's x block. Refuses a model that is precomputed already."""
+    if getattr(model.config, "firstlayer", None):
+        raise FirstLayerError("this model is precomputed already")
+    parts, parallel = parts_of(model)
+    layout = table_layout(model, parts, parallel)
+    return parts, layout, lm_head_reads_table(model, parts, parallel)
+
+
 def precompute(
     model: nn.Module,
     dtype: torch.dtype | None = None,
@@ -230,10 +240,7 @@ def precompute(
     attention norm (for parallel blocks also its MLP and MLP norm) are dropped. Returns the model.
     `progress(done_rows, total_rows)` is called after each chunk.
     """
-    if getattr(model.config, "firstlayer", None):
-        raise FirstLayerError("this model is precomputed already")
-    parts, parallel = parts_of(model)
-    layout = table_layout(model, parts, parallel)
+    parts, layout, lm_head_from_table = plan(model)
     token_local = TokenLocal(model, parts, layout)
     vocab_size, device = token_local.embedding_weight.shape[0], token_local.embedding_weight.device
     table_dtype = dtype or token_local.embedding_weight.dtype
@@ -246,7 +253,6 @@ def precompute(
             block[start : start + len(rows)] = rows
             if progress:
                 progress(index * vocab_size + start + len(rows), 2 * vocab_size)
-    lm_head_from_table = lm_head_reads_table(model, parts, parallel)
     del token_local
     model.config.firstlayer = firstlayer_record(
         model, parts, layout, lm_head_from_table, table_dtype
