@@ -116,6 +116,12 @@ def test_existing_output_is_not_overwritten_without_force(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
+def test_convert_refuses_a_precomputed_model(tiny, tmp_path):
+    with pytest.raises(FirstLayerError, match="precomputed already"):
+        convert(precompute(tiny), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_save_refuses_a_model_that_is_not_precomputed(tiny, tmp_path):
     with pytest.raises(FirstLayerError, match="precompute first"):
         save(tiny, tmp_path / "out")

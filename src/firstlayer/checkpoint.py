@@ -176,8 +176,8 @@ def convert(
     The model is left untouched and no whole table is ever held in memory, so peak memory stays
     close to the model's own size. Returns the folder.
     """
-    dtype = parse_dtype(dtype) or model.get_input_embeddings().weight.dtype
     parts, layout, lm_head_from_table = plan(model)
+    dtype = parse_dtype(dtype) or model.get_input_embeddings().weight.dtype
     parallel = layout.is_parallel
     record = firstlayer_record(model, parts, layout, lm_head_from_table, dtype)
     record["source_fingerprint"] = weights_fingerprint(model)
