@@ -3,50 +3,44 @@
     serial:   x = E[t]; x = x + attn(rope(Q[t]), rope(K[t]), V[t]); x = x + mlp(norm(x))
     parallel: x = R[t] + attn(rope(Q[t]), rope(K[t]), V[t]),  R[t] = E[t] + mlp(n2(E[t]))
 
-The patch works inside each family's own layer code: the embedding returns the row's first D
-columns and hands its q, k, v columns to layer 0, whose attention norm passes them on to
-attention, where every projection becomes a slice of them. RoPE, KV caches, masks, sliding
-windows and sandwich norms stay the family's, so generate() works as before. For a parallel block
-the MLP returns zeros, its work being already in R[t].
+The patch works inside each family's own layer code. The embedding returns the row's first D
+columns; the rows' q, k, v columns travel with the call to layer 0's attention as one more keyword
+argument of the model call (transformers threads `**kwargs` from the model through every layer
+into attention), where they take the place of the normed hidden states and every projection
+becomes a slice of them. RoPE, KV caches, masks, sliding windows and sandwich norms stay the
+family's, so generate() works as before. For a parallel block the MLP returns zeros, its work
+being already in R[t]. Nothing that belongs to one call is kept on a module, so concurrent calls
+(threads, asyncio tasks run in threads) cannot exchange rows, and torch.compile traces it all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from firstlayer.arch import Parts, adapter_for
-from firstlayer.arch.base import embed_scale
+from firstlayer.arch.base import embed_scale, scale_in
 from firstlayer.dims import is_parallel, model_dims
 from firstlayer.errors import FirstLayerError
 from firstlayer.table import Layout, TokenLocal, table_chunks, table_layout
 
-FORMAT_VERSION = 1
-
-
-class RowHandoff:
-    """Carries the rows of the current forward pass from the embedding to layer 0's attention."""
-
-    def __init__(self) -> None:
-        self.rows: Tensor | None = None
-
-    def take(self) -> Tensor:
-        rows, self.rows = self.rows, None
-        if rows is None:
-            raise FirstLayerError(
-                "layer 0 of a precomputed model ran without table rows: it takes token ids "
-                "(input_ids), not inputs_embeds"
-            )
-        return rows
+FORMAT_VERSION = 2
+# The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
+ROWS_KWARG = "firstlayer_rows"
+# Families whose model does not hand its kwargs to layer 0's attention (Falcon) carry the rows in
+# a context variable instead: one value per thread and per asyncio task, set for one model call.
+# torch.compile cannot trace it and breaks the graph there; the kwargs route has no break.
+_CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)
 
 
 class TableEmbedding(nn.Module):
     """Replaces the input embedding: looks up table rows, returns their first D columns."""
 
-    def __init__(self, residual: Tensor, qkv: Tensor, handoff: RowHandoff, scale: Tensor | None):
+    def __init__(self, residual: Tensor, qkv: Tensor, scale: float | None):
         super().__init__()
         assert residual.shape[0] == qkv.shape[0], (residual.shape, qkv.shape)
         # Parameters that require grad, like every weight of a transformers model: torch's matmul
@@ -55,20 +49,25 @@ class TableEmbedding(nn.Module):
         # head would run as a batched matmul, several times slower.
         self.residual = nn.Parameter(residual)  # (V, D): x or x + mlp(x)
         self.qkv = nn.Parameter(qkv)  # (V, W - D): q, k, v before RoPE
-        self.handoff = handoff
         # Gemma's sqrt(D), applied at run time so that the stored x can also serve the LM head.
-        self.register_buffer("embed_scale", scale, persistent=False)
+        self.scale = scale
 
     @property
     def num_embeddings(self) -> int:
         return self.residual.shape[0]
 
+    @property
+    def weight(self) -> Tensor:
+        """The residual block, for code that asks the input embedding for its dtype or device."""
+        return self.residual
+
     def forward(self, input_ids: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling():
-            check_token_ids(input_ids, self.num_embeddings)
-        self.handoff.rows = nn.functional.embedding(input_ids, self.qkv)  # (B, T, W - D)
         first = nn.functional.embedding(input_ids, self.residual)  # (B, T, D)
-        return first if self.embed_scale is None else first * self.embed_scale.to(first.dtype)
+        return first if self.scale is None else first * scale_in(self.scale, first.dtype)
+
+    def rows(self, input_ids: Tensor) -> Tensor:
+        """The q, k, v columns of the tokens' rows: (B, T, W - D)."""
+        return nn.functional.embedding(input_ids, self.qkv)
 
     def table(self) -> Tensor:
         """The whole table, [residual | q | k | v] (a copy, for inspection)."""
@@ -77,19 +76,6 @@ class TableEmbedding(nn.Module):
     def extra_repr(self) -> str:
         vocab, hidden = self.residual.shape
         return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns"
-
-
-class TableRows(nn.Module):
-    """Replaces layer 0's attention norm: hands attention the row's q, k, v instead of norm(x)."""
-
-    def __init__(self, handoff: RowHandoff):
-        super().__init__()
-        self.handoff = handoff
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        rows = self.handoff.take()
-        assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
-        return rows
 
 
 class Columns(nn.Module):
@@ -118,6 +104,63 @@ class Zeros(nn.Module):
         return hidden_states.new_zeros(*hidden_states.shape[:-1], self.hidden_size)
 
 
+def refuse_embeddings_input(kwargs: dict[str, Any]) -> None:
+    for name in ("inputs_embeds", "token_type_ids"):
+        if kwargs.get(name) is not None:
+            raise FirstLayerError(
+                f"a precomputed model takes token ids only, not {name}: its table replaces the "
+                "input embedding, so soft prompts or merged multimodal embeddings cannot pass "
+                "through layer 0; run the original model for those"
+            )
+
+
+class RowsFromTable:
+    """Forward pre-hook of the base model: looks up the call's q/k/v rows and sends them along
+    with the call, as a keyword argument or (Falcon) in the call's context."""
+
+    def __init__(self, table: TableEmbedding, through_kwargs: bool):
+        self.table = table
+        self.through_kwargs = through_kwargs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        refuse_embeddings_input(kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return args, kwargs  # the family's own forward says what is missing
+        if not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.table.num_embeddings)
+        rows = self.table.rows(input_ids)  # (B, T, W - D)
+        if self.through_kwargs:
+            return args, {**kwargs, ROWS_KWARG: rows}
+        _CALL_ROWS.set(rows)
+        return args, kwargs
+
+
+def forget_call_rows(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook of the base model on the context route, run even when the call raises: the
+    rows end with the call that looked them up."""
+    _CALL_ROWS.set(None)
+
+
+def rows_into_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Forward pre-hook of layer 0's attention: the call's rows replace its input, norm(x)."""
+    rows = kwargs.pop(ROWS_KWARG, None)
+    if rows is None:
+        rows = _CALL_ROWS.get()
+    if rows is None:
+        raise FirstLayerError(
+            "layer 0 of a precomputed model ran without table rows: call the model (or its base "
+            "model) with input_ids, not one of its layers"
+        )
+    if "hidden_states" in kwargs:
+        hidden_states = kwargs["hidden_states"]
+        kwargs = {**kwargs, "hidden_states": rows}
+    else:
+        hidden_states, args = args[0], (rows, *args[1:])
+    assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
+    return args, kwargs
+
+
 def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
     """Refuse ids outside the table: a lookup would fail deep in torch or, on GPUs, read garbage."""
     if input_ids.numel() == 0:
@@ -131,9 +174,17 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
+def family_config(config: Any) -> dict[str, Any]:
+    """A config as a dict with its family's own model type, also for a precomputed model's
+    config (whose `model_type` is firstlayer's name for it)."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    record = values.get("firstlayer")
+    return {**values, "model_type": record["model_type"]} if record else values
+
+
 def parts_of(model: nn.Module) -> tuple[Parts, bool]:
     """The adapter's parts for this model and whether its blocks are parallel."""
-    config = model.config.to_dict()
+    config = family_config(model.config)
     model_dims(config)  # refuses absolute position embeddings with the reason
     parts = adapter_for(config["model_type"]).parts(model)
     return parts, is_parallel(config)
@@ -161,11 +212,10 @@ def patch(
     """
     assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
     assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
-    embedding = model.get_submodule(parts.embedding)
-    handoff = RowHandoff()
-    table = TableEmbedding(residual, qkv, handoff, embed_scale(embedding))
+    table = TableEmbedding(residual, qkv, embed_scale(model.get_submodule(parts.embedding)))
     model.set_submodule(parts.embedding, table)
-    model.set_submodule(parts.attn_norm, TableRows(handoff))
+    # The attention norm's work is in the rows, which replace its output on the way in.
+    model.set_submodule(parts.attn_norm, nn.Identity())
     for column in layout.columns:
         start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
         model.set_submodule(column.module, Columns(start, stop))
@@ -178,21 +228,20 @@ def patch(
     if lm_head_from_table:
         assert not layout.is_parallel, "a parallel row's first columns hold x + mlp(x), not x"
         model.get_submodule(parts.lm_head).weight = table.residual
-    # The tie is ours now: no re-tie by transformers may point the LM head anywhere else.
-    model.config.tie_word_embeddings = False
-    model.all_tied_weights_keys = {}
-    model.register_forward_pre_hook(refuse_embeddings_input, with_kwargs=True)
+    base_model = model.get_submodule(parts.base_model)
+    through_kwargs = parts.attention_gets_model_kwargs
+    base_model.register_forward_pre_hook(RowsFromTable(table, through_kwargs), with_kwargs=True)
+    if not through_kwargs:
+        base_model.register_forward_hook(forget_call_rows, with_kwargs=True, always_call=True)
+    attention = model.get_submodule(parts.attention)
+    attention.register_forward_pre_hook(rows_into_attention, with_kwargs=True)
+    # Refused at the top as well: the base model may never see inputs_embeds (a merge upstream).
+    model.register_forward_pre_hook(refuse_embeddings_at_top, with_kwargs=True)
     return model
 
 
-def refuse_embeddings_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    for name in ("inputs_embeds", "token_type_ids"):
-        if kwargs.get(name) is not None:
-            raise FirstLayerError(
-                f"a precomputed model takes token ids only, not {name}: its table replaces the "
-                "input embedding, so soft prompts or merged multimodal embeddings cannot pass "
-                "through layer 0; run the original model for those"
-            )
+def refuse_embeddings_at_top(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    refuse_embeddings_input(kwargs)
 
 
 def firstlayer_record(
@@ -233,7 +282,8 @@ def precompute(
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
-    """Replace a loaded causal LM's input embedding with the precomputed table, in place.
+    """Replace a loaded causal LM's input embedding with the precomputed table, in place; the
+    model keeps its class (`firstlayer.precompute` also makes it a precomputed class).
 
     The table is computed in float32 (float64 for a float64 model) from the model's own weights
     and stored in `dtype` (default: the embedding's dtype). Layer 0's q/k/v weights and its

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from firstlayer.arch.base import Parts, embed_scale
+from firstlayer.arch.base import Parts, embed_scale, scale_in
 
 # Rows per chunk: the work buffers stay a few MB even for 256k-token vocabularies.
 CHUNK_ROWS = 2048
@@ -95,7 +95,10 @@ class TokenLocal(nn.Module):
             embedding.weight.dtype if embedding.weight.dtype in BUILD_DTYPES else torch.float32
         )
         scale = embed_scale(embedding)
-        self.scale = None if scale is None else scale.to(self.build_dtype)
+        # The factor in the embedding's dtype, as the model multiplies by it, then widened.
+        self.scale = (
+            None if scale is None else scale_in(scale, embedding.weight.dtype).to(self.build_dtype)
+        )
 
         def copied(name: str | None) -> nn.Module | None:
             if name is None:

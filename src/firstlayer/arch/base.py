@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -25,6 +26,19 @@ class Parts:
     lm_head: str = "lm_head"
     mlp_norm: str | None = None  # parallel only, when the MLP has a norm of its own
     mlp: str | None = None  # parallel only: precomputed as r = x + mlp(mlp_norm(x))
+    # Whether layer 0's attention receives the keyword arguments the model was called with
+    # (transformers' `**kwargs` threading); the table's rows travel that way when it does.
+    attention_gets_model_kwargs: bool = True
+
+    @property
+    def base_model(self) -> str:
+        """The module that takes input_ids and runs the layers (`model`, `gpt_neox`, ...)."""
+        return self.embedding.rpartition(".")[0]
+
+    @property
+    def attention(self) -> str:
+        """Layer 0's attention module, the parent of its projections."""
+        return self.projections[0].rpartition(".")[0]
 
     def eliminated(self, is_parallel: bool) -> tuple[str, ...]:
         """Modules whose weights the table replaces (the embedding itself aside)."""
@@ -53,12 +67,20 @@ TINY = dict(
 )
 
 
-def embed_scale(embedding: nn.Module) -> Tensor | None:
-    """The factor a scaled word embedding multiplies its rows by (Gemma: sqrt(D)), else None."""
-    # Gemma's *ScaledWordEmbedding keeps sqrt(D) as a float32 buffer and casts it to the weight's
-    # dtype before multiplying (55.4256 -> 55.5 in bf16); the table must use the same factor.
-    scale = getattr(embedding, "embed_scale", None)
-    return scale.to(embedding.weight.dtype) if isinstance(scale, Tensor) else None
+def embed_scale(embedding: nn.Module) -> float | None:
+    """The factor a scaled word embedding multiplies its rows by (Gemma: sqrt(D)), else None.
+
+    Read from the Python float Gemma keeps beside its buffer: on the meta device (transformers'
+    empty init) the buffer holds no value.
+    """
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def scale_in(scale: float, dtype: torch.dtype) -> Tensor:
+    """sqrt(D) as Gemma multiplies by it: a float32 scalar cast to the rows' dtype first
+    (55.4256 -> 55.5 in bf16); the table must use the same factor."""
+    return torch.tensor(scale, dtype=torch.float32).to(dtype)
 
 
 def has_module(model: nn.Module, name: str) -> bool:
