@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import FAMILIES, build_tiny, clone, left_padded_batch
 
+from firstlayer import precompute
 from firstlayer.errors import FirstLayerError
-from firstlayer.runtime import precompute
 from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE
 
 NEW_TOKENS = 32

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import FAMILIES, build_tiny, clone
 
+from firstlayer import precompute
 from firstlayer.checkpoint import convert, load
-from firstlayer.runtime import precompute
 from firstlayer.savings import analyze
 from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, verify, weights_count
 

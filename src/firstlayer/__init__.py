@@ -1,9 +1,18 @@
 """Precompute the first transformer layer (arXiv 2402.13388): convert, verify and benchmark.
 
 The public API is imported lazily so that `firstlayer analyze` answers without importing torch.
+Importing firstlayer registers precomputed models with transformers (AutoConfig,
+AutoModelForCausalLM) as soon as transformers is imported, before or after firstlayer.
 """
 
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 __all__ = [
@@ -20,7 +29,7 @@ __all__ = [
 
 _HOMES = {
     "analyze": "firstlayer.savings",
-    "precompute": "firstlayer.runtime",
+    "precompute": "firstlayer.hf",
     "convert": "firstlayer.checkpoint",
     "save": "firstlayer.checkpoint",
     "check": "firstlayer.checkpoint",
@@ -35,3 +44,37 @@ def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module 'firstlayer' has no attribute {name!r}")
     return getattr(import_module(_HOMES[name]), name)
+
+
+def _register_with_transformers() -> None:
+    import_module("firstlayer.hf").register()
+
+
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs the registration right after transformers' own module has executed, so that
+    `import firstlayer` stays torch-free (for `firstlayer analyze`) yet the user's next
+    `from transformers import ...` already knows precomputed models."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # by the finders after this one
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _register_with_transformers()
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.runtime import (
-    FORMAT_VERSION,
-    firstlayer_record,
-    parts_of,
-    patch,
-    plan,
+from firstlayer.runtime import FORMAT_VERSION, firstlayer_record, plan
+from firstlayer.safetensors_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    TensorSpec,
+    write_sharded,
 )
-from firstlayer.safetensors_io import TensorSpec, write_safetensors
-from firstlayer.table import BLOCKS, Layout, TokenLocal, table_chunks, table_layout
+from firstlayer.table import BLOCKS, TokenLocal, table_chunks
 
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = WEIGHTS_NAME
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HASH_BLOCK_BYTES = 1 << 24
 
@@ -83,12 +82,19 @@ def _kept_weights(
 
 
 def _saved_config(model: nn.Module, record: dict, dtype: torch.dtype) -> Any:
+    """The source's config as its family's precomputed config class, with the record."""
+    from firstlayer.hf import config_class, model_class
+
+    family = record["model_type"]
     config = copy.deepcopy(model.config)
     # A GGUF checkpoint arrives dequantized; the folder holds plain tensors.
     for attribute in ("quantization_config", "_name_or_path"):
         if hasattr(config, attribute):
             delattr(config, attribute)
-    config.tie_word_embeddings = False
+    config.__class__ = config_class(family)
+    config.architectures = [model_class(family).__name__]
+    # Only a serial model's LM head stays tied, to the table's residual block.
+    config.tie_word_embeddings = bool(record["lm_head"]["reads_table"])
     config.dtype = str(dtype).removeprefix("torch.")
     config.firstlayer = record
     return config
@@ -97,7 +103,7 @@ def _saved_config(model: nn.Module, record: dict, dtype: torch.dtype) -> Any:
 def _publish(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp)` into a temporary sibling of `out`, then rename it into place."""
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force and not _is_empty_folder(out):
         raise FirstLayerError(f"{out} exists: choose another output folder or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
@@ -119,6 +125,10 @@ def _publish(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
     return out
 
 
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _remove_abandoned(out: Path) -> None:
     """Delete temporary siblings of `out` left by conversions that were killed (SIGKILL)."""
     for tmp in out.parent.glob(f".{out.name}.firstlayer-*-*"):
@@ -137,6 +147,13 @@ def _is_running(pid: int) -> bool:
     return True
 
 
+def _record_files(folder: Path, names: list[str]) -> dict[str, dict]:
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        for name in sorted(names)
+    }
+
+
 def _write_folder(
     tmp: Path,
     model: nn.Module,
@@ -145,20 +162,18 @@ def _write_folder(
     specs: list[TensorSpec],
     chunks: Iterator[tuple[str, Tensor]],
     tokenizer: Any | None,
+    max_shard_size: int | str,
 ) -> None:
     metadata = {"format": "pt", "firstlayer_source": record["source_fingerprint"]}
-    write_safetensors(tmp / WEIGHTS_FILE, specs, chunks, metadata)
+    write_sharded(tmp, specs, chunks, metadata, max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
     # Every file but the config itself, so that `check` notices any edited or swapped one.
-    record["files"] = {
-        file.name: {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
-        for file in sorted(tmp.iterdir())
-        if file.is_file() and file.name != "config.json"
-    }
+    names = [f.name for f in tmp.iterdir() if f.is_file() and f.name != "config.json"]
+    record["files"] = _record_files(tmp, names)
     # The config goes last: a folder without it is not a model.
     _saved_config(model, record, dtype).save_pretrained(tmp)
 
@@ -170,11 +185,13 @@ def convert(
     dtype: torch.dtype | str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write the precomputed twin of a loaded model to `out`, streaming the table to disk.
 
     The model is left untouched and no whole table is ever held in memory, so peak memory stays
-    close to the model's own size. Returns the folder.
+    close to the model's own size. Weights above `max_shard_size` are split into shards with an
+    index, as save_pretrained does. Returns the folder.
     """
     parts, layout, lm_head_from_table = plan(model)
     dtype = parse_dtype(dtype) or model.get_input_embeddings().weight.dtype
@@ -200,44 +217,61 @@ def convert(
         for name, tensor in kept.items():
             yield name, _cast(tensor, dtype)
 
-    return _publish(
-        Path(out),
-        force,
-        lambda tmp: _write_folder(tmp, model, record, dtype, specs, chunks(), tokenizer),
-    )
+    def write(tmp: Path) -> None:
+        _write_folder(tmp, model, record, dtype, specs, chunks(), tokenizer, max_shard_size)
+
+    return _publish(Path(out), force, write)
 
 
-def save(model: nn.Module, path: str | Path, tokenizer: Any | None = None, force: bool = False):
-    """Write a precomputed model (from `precompute` or `load`) to a self-contained folder."""
-    record = copy.deepcopy(getattr(model.config, "firstlayer", None))
-    if not record:
+def save(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any | None = None,
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write a precomputed model (from `precompute` or `load`) to a self-contained folder:
+    save_pretrained into a temporary sibling, renamed into place when complete."""
+    from firstlayer.hf.models import PrecomputedForCausalLM
+
+    if not isinstance(model, PrecomputedForCausalLM):
         raise FirstLayerError("save() takes a precomputed model: call firstlayer.precompute first")
-    dtype = model.get_parameter(f"{record['table']['module']}.residual").dtype
-    record.setdefault("source_fingerprint", "unknown")
-    lm_head = record["lm_head"]
-    # A tied LM head is the table's residual block: stored once, under the table's name.
-    dropped = {f"{lm_head['module']}.weight"} if lm_head["reads_table"] else set()
-    kept = _kept_weights(model, (), dropped)
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in kept.items()]
-    chunks = iter(kept.items())
-    return _publish(
-        Path(path),
-        force,
-        lambda tmp: _write_folder(tmp, model, record, dtype, specs, chunks, tokenizer),
-    )
+
+    def write(tmp: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        names = [f.name for f in tmp.iterdir() if f.is_file() and f.name != "config.json"]
+        model.config.firstlayer["files"] = _record_files(tmp, names)
+        model.config.save_pretrained(tmp)
+
+    return _publish(Path(path), force, write)
 
 
-@dataclass(frozen=True)
-class FolderInfo:
-    config: Any
-    record: dict
-    weights: Path
+def record_weight_files(folder: Path, config: Any) -> None:
+    """After save_pretrained: the weight files' sizes and checksums into the config's record."""
+    names = [f.name for f in folder.iterdir() if f.name in weight_files_of(folder)]
+    config.firstlayer = {**config.firstlayer, "files": _record_files(folder, names)}
+    config.save_pretrained(folder)
 
 
-def read_folder(path: str | Path) -> FolderInfo:
-    """The cheap checks `load` always does: a firstlayer folder of a known format, files present."""
-    from transformers import AutoConfig
+def weight_files_of(folder: Path) -> list[str]:
+    """The safetensors files of a folder: those its index names, or model.safetensors."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise FirstLayerError(
+                f"{index} is not a valid index ({error}): convert again"
+            ) from None
+        return [*sorted(set(weight_map.values())), INDEX_NAME]
+    return [WEIGHTS_FILE]
 
+
+def read_record(path: str | Path) -> dict:
+    """The `firstlayer` record of a folder's config.json, refusing what is not a precomputed
+    folder of this format."""
     path = Path(path)
     if not path.exists():
         raise FirstLayerError(f"{path} does not exist: give the folder `firstlayer convert` wrote")
@@ -258,9 +292,23 @@ def read_folder(path: str | Path) -> FolderInfo:
     if record.get("format_version") != FORMAT_VERSION:
         raise FirstLayerError(
             f"{path} has firstlayer format {record.get('format_version')}, this version reads "
-            f"{FORMAT_VERSION}: convert the source again"
+            f"{FORMAT_VERSION}: convert the source again with `firstlayer convert`"
         )
-    for name, expected in record.get("files", {}).items():
+    return record
+
+
+def check_folder_files(path: str | Path) -> dict:
+    """The cheap checks every load does: a precomputed folder of this format, with every file
+    it recorded present at its recorded size. Returns the record."""
+    path = Path(path)
+    record = read_record(path)
+    files = record.get("files", {})
+    for name in weight_files_of(path):
+        if name not in files and (path / name).is_file():
+            raise FirstLayerError(
+                f"{path / name} was not written by this conversion: convert again"
+            )
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise FirstLayerError(f"{file} is missing: convert the source again")
@@ -269,7 +317,7 @@ def read_folder(path: str | Path) -> FolderInfo:
                 f"{file} has {file.stat().st_size} bytes, the conversion wrote {expected['bytes']}"
                 ": the file is truncated or was replaced; convert the source again"
             )
-    return FolderInfo(AutoConfig.from_pretrained(path), record, path / WEIGHTS_FILE)
+    return record
 
 
 def load(
@@ -277,65 +325,31 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Load a precomputed model folder; needs nothing of the original checkpoint."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
+    """Load a precomputed model folder; needs nothing of the original checkpoint.
 
-    info = read_folder(path)
-    record, module = info.record, info.record["table"]["module"]
+    The same as `AutoModelForCausalLM.from_pretrained(path, dtype=..., device_map=device)` with
+    firstlayer imported, with transformers' errors on damaged files turned into one clear line.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from firstlayer.hf import register
+
+    register()
+    check_folder_files(path)
+    dtype = parse_dtype(dtype) or "auto"
     try:
-        tensors = load_file(info.weights)
-    except (SafetensorError, OSError) as error:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map=device, local_files_only=True
+        )
+    except FirstLayerError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
+        detail = " ".join(str(error).split())[:300]
         raise FirstLayerError(
-            f"{info.weights} cannot be read ({error}): convert the source again"
+            f"{path} cannot be loaded ({detail}): convert the source again"
         ) from None
-    names = [f"{module}.{block}" for block in BLOCKS]
-    if any(name not in tensors for name in names):
-        raise FirstLayerError(f"{info.weights} holds no table ({', '.join(names)}): convert again")
-    dtype = parse_dtype(dtype) or tensors[names[0]].dtype
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(info.config, dtype=dtype)
-    parts, parallel = parts_of(model)
-    layout = table_layout(model, parts, parallel)
-    if layout != Layout.from_dict(record["table"]):
-        raise FirstLayerError(
-            f"{path}: the table layout in config.json does not match the model the config "
-            "describes: the folder was edited; convert the source again"
-        )
-    residual, qkv = (tensors.pop(name).to(dtype) for name in names)
-    vocab_size = info.config.vocab_size
-    for name, block, width in zip(
-        names, (residual, qkv), (layout.hidden_size, layout.qkv_width), strict=True
-    ):
-        if tuple(block.shape) != (vocab_size, width):
-            raise FirstLayerError(
-                f"{info.weights}: {name} is {tuple(block.shape)}, the config asks for "
-                f"({vocab_size}, {width}): the weights do not belong to this config"
-            )
-    lm_head_from_table = bool(record["lm_head"]["reads_table"])
-    patch(model, parts, layout, residual, qkv, lm_head_from_table)
-    try:
-        missing, unexpected = model.load_state_dict(
-            {name: _cast(t, dtype) for name, t in tensors.items()}, strict=False, assign=True
-        )
-    except RuntimeError as error:  # size mismatches
-        detail = str(error).splitlines()[-1].strip()
-        raise FirstLayerError(
-            f"{info.weights}: weights disagree with the config ({detail}); convert again"
-        ) from None
-    allowed_missing = set(names) | ({f"{parts.lm_head}.weight"} if lm_head_from_table else set())
-    missing = set(missing) - allowed_missing
-    if missing or unexpected:
-        raise FirstLayerError(
-            f"{info.weights} does not match its config (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}): convert the source again"
-        )
-    if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    model.eval()
-    return model.to(device) if device is not None else model
+    return model.eval()
 
 
 def check(path: str | Path) -> list[str]:
@@ -345,36 +359,53 @@ def check(path: str | Path) -> list[str]:
     """
     from safetensors import safe_open
 
-    info = read_folder(path)
+    path = Path(path)
+    record = check_folder_files(path)
+    files = record.get("files", {})
     lines = []
-    for name, expected in info.record.get("files", {}).items():
-        if file_sha256(Path(path) / name) != expected["sha256"]:
+    for name, expected in files.items():
+        if file_sha256(path / name) != expected["sha256"]:
             raise FirstLayerError(
-                f"{Path(path) / name} does not match the checksum its conversion recorded: "
+                f"{path / name} does not match the checksum its conversion recorded: "
                 "the file was edited, corrupted or taken from another conversion; convert again"
             )
         lines.append(f"{name}: sha256 ok ({expected['bytes']:,} bytes)")
-    if WEIGHTS_FILE not in info.record.get("files", {}):
-        raise FirstLayerError(f"{path}: config.json records no checksum of {WEIGHTS_FILE}")
-    try:
-        with safe_open(info.weights, "pt") as weights:
-            source = (weights.metadata() or {}).get("firstlayer_source")
-            module = info.record["table"]["module"]
-            shapes = [weights.get_slice(f"{module}.{block}").get_shape() for block in BLOCKS]
-    except Exception as error:  # safetensors raises its own error types
-        raise FirstLayerError(f"{info.weights} cannot be read ({error}): convert again") from None
-    if source != info.record.get("source_fingerprint"):
+    weights = [name for name in weight_files_of(path) if name.endswith(".safetensors")]
+    unrecorded = [name for name in weights if name not in files]
+    if unrecorded:
+        raise FirstLayerError(f"{path}: config.json records no checksum of {unrecorded[0]}")
+    module = record["table"]["module"]
+    shapes, sources = {}, set()
+    for name in weights:
+        try:
+            with safe_open(path / name, "pt") as handle:
+                sources.add((handle.metadata() or {}).get("firstlayer_source"))
+                names = set(handle.keys())
+                for block in BLOCKS:
+                    if f"{module}.{block}" in names:
+                        shapes[block] = handle.get_slice(f"{module}.{block}").get_shape()
+        except Exception as error:  # safetensors raises its own error types
+            raise FirstLayerError(
+                f"{path / name} cannot be read ({error}): convert again"
+            ) from None
+    # save_pretrained writes no fingerprint into the headers; a conversion writes it in each.
+    sources.discard(None)
+    if sources and sources != {record.get("source_fingerprint")}:
         raise FirstLayerError(
-            f"{path}: {WEIGHTS_FILE} comes from a conversion of another source than config.json "
+            f"{path}: the weights come from a conversion of another source than config.json "
             "says: the folder mixes two conversions; convert again"
         )
-    lines.append(f"source fingerprint {source[:16]}... matches in config and weights")
-    width = info.record["table"]["width"]
-    hidden = info.record["table"]["hidden_size"]
-    vocab_size = info.config.vocab_size
-    if shapes != [[vocab_size, hidden], [vocab_size, width - hidden]]:
+    if sources:
+        lines.append(f"source fingerprint {next(iter(sources))[:16]}... matches config and weights")
+    table = record["table"]
+    vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+    hidden, width = table["hidden_size"], table["width"]
+    if [shapes.get(block) for block in BLOCKS] != [
+        [vocab_size, hidden],
+        [vocab_size, width - hidden],
+    ]:
         raise FirstLayerError(
-            f"{path}: the table blocks are {shapes}, the config asks for "
+            f"{path}: the table blocks are {[shapes.get(b) for b in BLOCKS]}, the config asks for "
             f"[{vocab_size}, {hidden}] and [{vocab_size}, {width - hidden}]: convert again"
         )
     lines.append(f"table {vocab_size:,} x {width:,} matches the config and its layout")

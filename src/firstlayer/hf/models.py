@@ -1,0 +1,213 @@
+"""A precomputed model as transformers classes: per family a config class and a causal-LM class,
+subclasses of the family's own, registered with AutoConfig and AutoModelForCausalLM.
+
+A converted folder says `model_type: firstlayer_<family>` and `architectures:
+[FirstLayer<Family>ForCausalLM]`, names plain transformers and vLLM refuse, naming firstlayer,
+instead of loading the folder as the original family with layer 0 re-initialised at random. With
+firstlayer imported, `from_pretrained` builds the family's model (on the meta device, as always),
+`post_init` swaps layer 0's token-local modules for an empty table of the recorded layout, and
+transformers' own loader fills it: dtype="auto", device_map, sharded folders and save_pretrained
+work as for any model.
+
+transformers is imported inside the functions only: firstlayer/__init__ calls `register` from an
+import hook on transformers, which must not find this module half-imported.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from firstlayer import runtime
+from firstlayer.errors import FirstLayerError
+from firstlayer.runtime import TableEmbedding, family_config, parts_of, patch
+from firstlayer.table import Layout, table_layout
+
+PRECOMPUTED_PREFIX = "firstlayer_"
+
+
+def precomputed_model_type(model_type: str) -> str:
+    """The `model_type` a converted folder of this family declares."""
+    return PRECOMPUTED_PREFIX + model_type
+
+
+def source_model_type(config: Any) -> str:
+    """The family's own model type of a config, precomputed or not."""
+    return family_config(config)["model_type"]
+
+
+class PrecomputedConfig:
+    """Mixed in before a family's config class; `firstlayer` holds the conversion's record."""
+
+    source_model_type: str  # the family's own model type, set per class
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # The model class is made and registered on the first config of its family, so that
+        # importing firstlayer imports no family's modeling code.
+        model_class(self.source_model_type)
+
+
+class PrecomputedForCausalLM:
+    """Mixed in before a family's causal-LM class: layer 0 runs from the table."""
+
+    config: Any
+
+    def post_init(self) -> None:
+        if not isinstance(self.get_input_embeddings(), TableEmbedding):
+            install_empty_table(self)
+        tie_lm_head_to_table(self)
+        super().post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained, refusing what it would only warn about: a folder of an
+        older format, files missing or cut short, weights missing or of the wrong shape (which
+        it would initialise at random)."""
+        from firstlayer.checkpoint import check_folder_files
+
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            check_folder_files(folder)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = {
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": sorted(info["unexpected_keys"]),
+            "of another shape": sorted(str(key) for key in info["mismatched_keys"]),
+        }
+        if any(problems.values()):
+            found = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in problems.items() if v)
+            raise FirstLayerError(
+                f"{pretrained_model_name_or_path}: the weights do not match the precomputed model "
+                f"its config describes ({found}): convert the source again"
+            )
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """transformers' save_pretrained, then the sizes and checksums of the weight files into
+        the config's record, which `load` and `firstlayer check` compare."""
+        from firstlayer.checkpoint import record_weight_files
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            record_weight_files(Path(save_directory), self.config)
+
+
+def install_empty_table(model: nn.Module) -> None:
+    """Patch a freshly built model with a zero table of the recorded layout, for the loader to
+    fill (on the meta device under from_pretrained, so it costs nothing)."""
+    record = model.config.firstlayer
+    parts, parallel = parts_of(model)
+    layout = table_layout(model, parts, parallel)
+    if layout != Layout.from_dict(record["table"]):
+        raise FirstLayerError(
+            "the table layout in config.json does not match the model the config describes: "
+            "the folder was edited; convert the source again"
+        )
+    weight = model.get_submodule(parts.embedding).weight  # (V, D)
+    blocks = (
+        torch.zeros(weight.shape[0], width, dtype=weight.dtype, device=weight.device)
+        for width in (layout.hidden_size, layout.qkv_width)
+    )
+    patch(model, parts, layout, *blocks, bool(record["lm_head"]["reads_table"]))
+
+
+def tie_lm_head_to_table(model: nn.Module) -> None:
+    """Declare the tie the table keeps: a serial model's tied LM head reads the residual block,
+    so transformers ties, saves and loads it as it does a tied embedding."""
+    record = model.config.firstlayer
+    reads_table = bool(record["lm_head"]["reads_table"])
+    model.config.tie_word_embeddings = reads_table
+    lm_head, table = record["lm_head"]["module"], record["table"]["module"]
+    model._tied_weights_keys = {f"{lm_head}.weight": f"{table}.residual"} if reads_table else {}
+
+
+@functools.cache
+def config_class(model_type: str) -> type:
+    """The config class of a precomputed model of family `model_type`, registered."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = CONFIG_MAPPING[model_type]
+    attributes = {
+        "model_type": precomputed_model_type(model_type),
+        "source_model_type": model_type,
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} of a model precomputed by firstlayer.",
+    }
+    cls = type(f"FirstLayer{base.__name__}", (PrecomputedConfig, base), attributes)
+    AutoConfig.register(cls.model_type, cls, exist_ok=True)
+    return cls
+
+
+@functools.cache
+def model_class(model_type: str) -> type:
+    """The causal-LM class of a precomputed model of family `model_type`, registered."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config_cls = config_class(model_type)
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
+    attributes = {
+        "config_class": config_cls,
+        "__module__": __name__,
+        "__doc__": f"{base.__name__} whose layer 0 runs from a firstlayer table.",
+    }
+    cls = type(f"FirstLayer{base.__name__}", (PrecomputedForCausalLM, base), attributes)
+    AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
+    return cls
+
+
+def register() -> None:
+    """Register every supported family's precomputed config with AutoConfig (its model class
+    follows on first use). Idempotent."""
+    from firstlayer.arch import SUPPORTED
+
+    for model_type in SUPPORTED:
+        config_class(model_type)
+
+
+def precompute(
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
+    """Replace a loaded causal LM's input embedding with the precomputed table, in place, and
+    make it its family's precomputed class: `save_pretrained` then writes a folder that
+    `AutoModelForCausalLM.from_pretrained` loads. See `runtime.precompute`. Returns the model."""
+    return adopt(runtime.precompute(model, dtype, progress))
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """Turn a model `runtime.precompute` patched in place into its family's precomputed class,
+    so that save_pretrained writes a folder that loads as one."""
+    family = model.config.firstlayer["model_type"]
+    model.config.__class__ = config_class(family)
+    model.__class__ = model_class(family)
+    tie_lm_head_to_table(model)
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+    return model
+
+
+def __getattr__(name: str) -> type:
+    """The classes made on demand, by name: pickle and vLLM's worker processes find them here."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from firstlayer.arch import SUPPORTED
+
+    for model_type in SUPPORTED:
+        if name == f"FirstLayer{CONFIG_MAPPING_NAMES[model_type]}":
+            return config_class(model_type)
+        if name == f"FirstLayer{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}":
+            return model_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
