@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,18 @@ def test_analyze_paper_imports_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_ends_analyze_quietly():
+    """`firstlayer analyze paper | head`: the reader (here one that reads nothing) goes away,
+    and the writer stops with nothing on stderr."""
+    firstlayer = Path(sys.executable).with_name("firstlayer")
+    result = subprocess.run(
+        f"'{firstlayer}' analyze paper | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stderr == "", result.stderr

@@ -124,7 +124,7 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [w for name in SUBPROCESS_FAMILIES for w in (name, "OK")]
-    for name, folder in folders.items():
+    for folder in folders.values():
         check(Path(f"{folder}-resaved"))  # save_pretrained recorded its files' checksums
 
 

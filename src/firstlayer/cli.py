@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (`firstlayer analyze paper | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe closed
     except FirstLayerError as error:
         return fail(args, str(error))
     except KeyboardInterrupt:
@@ -164,6 +169,13 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "(default: the source's; the table is computed in float32 regardless)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="split the weights into shards of at most SIZE with an index, as save_pretrained "
+        "does (default 5GB)",
+    )
     parser.set_defaults(run=run_convert)
 
 
@@ -174,7 +186,15 @@ def run_convert(args: argparse.Namespace) -> int:
     dtype = dtype_arg(args.dtype)
     loaded = load_source(args.source, to_convert=True)
     with progress_bar("table rows") as update:
-        out = convert(loaded.model, args.out, loaded.tokenizer, dtype, args.force, update)
+        out = convert(
+            loaded.model,
+            args.out,
+            loaded.tokenizer,
+            dtype,
+            args.force,
+            update,
+            max_shard_size=args.max_shard_size,
+        )
     print(f"wrote {out}: {describe_folder(out)}")
     return 0
 
