@@ -90,7 +90,7 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
         import firstlayer  # the only line a user adds
         from transformers import AutoModelForCausalLM, pipeline
 
-        folders = {({k: str(v) for k, v in folders.items()})!r}
+        folders = { ({k: str(v) for k, v in folders.items()})!r}
         originals = {originals!r}
         for name, folder in folders.items():
             original = AutoModelForCausalLM.from_pretrained(originals[name])
