@@ -78,7 +78,8 @@ def test_plain_transformers_refuses_the_folder_naming_firstlayer(folders):
 @pytest.mark.slow
 def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
     """from_pretrained (dtype, device_map), every generate() mode, save_pretrained and reload,
-    and pipeline: the same tokens as the original, which the test saves beside."""
+    firstlayer.save into an existing empty folder: the same tokens as the original, which the
+    test saves beside."""
     originals = {}
     for name in SUBPROCESS_FAMILIES:
         original = build_tiny(family(name))
@@ -86,6 +87,7 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
         originals[name] = str(tmp_path / f"{name}-original")
     result = run_python(
         f"""
+        import tempfile
         import torch
         import firstlayer  # the only line a user adds
         from transformers import AutoModelForCausalLM, pipeline
@@ -94,7 +96,7 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
         originals = {originals!r}
         for name, folder in folders.items():
             original = AutoModelForCausalLM.from_pretrained(originals[name])
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="auto")
             assert type(model).__name__.startswith("FirstLayer"), type(model)
             assert model.dtype == torch.float32
             ids = torch.randint(3, 250, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -115,6 +117,11 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
                 assert torch.equal(model.generate(input_ids=ids, **common), expected), mode
             model.save_pretrained(folder + "-resaved")
             again = AutoModelForCausalLM.from_pretrained(folder + "-resaved")
+            with torch.inference_mode():
+                assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+            with tempfile.TemporaryDirectory() as empty:  # an existing, empty folder
+                firstlayer.save(model, empty)
+                again = firstlayer.load(empty)
             with torch.inference_mode():
                 assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
             half = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
