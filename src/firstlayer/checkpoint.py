@@ -250,7 +250,7 @@ def save(
 
 def record_weight_files(folder: Path, config: Any) -> None:
     """After save_pretrained: the weight files' sizes and checksums into the config's record."""
-    names = [f.name for f in folder.iterdir() if f.name in weight_files_of(folder)]
+    names = [name for name in weight_files_of(folder) if (folder / name).is_file()]
     config.firstlayer = {**config.firstlayer, "files": _record_files(folder, names)}
     config.save_pretrained(folder)
 
