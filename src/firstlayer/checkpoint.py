@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,22 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
+from firstlayer.rowcheck import (
+    RowCheck,
+    compare_rows,
+    layer0_reference,
+    require,
+    sample_ids,
+    special_token_ids,
+    stored_rows,
+    tolerance_for,
+)
 from firstlayer.runtime import FORMAT_VERSION, firstlayer_record, plan
 from firstlayer.safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX_NAME,
     WEIGHTS_NAME,
+    SafetensorsFolder,
     TensorSpec,
     write_sharded,
 )
@@ -42,14 +54,30 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over every named weight (name, dtype, shape, bytes): identifies the source model."""
+def tensor_sha256(tensor: Tensor) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        digest.update(memoryview(data))
+    digest.update(memoryview(tensor_bytes(tensor)))
     return digest.hexdigest()
+
+
+def tensor_bytes(tensor: Tensor) -> Any:
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+def fingerprint(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], str]]) -> str:
+    """sha256 over (name, dtype, shape, sha256 of the bytes) of every weight, in name order:
+    identifies a source model, and can be computed one tensor at a time in any order."""
+    digest = hashlib.sha256()
+    for name, dtype, shape, data_sha256 in sorted(entries):
+        digest.update(f"{name}:{dtype}:{shape}:{data_sha256};".encode())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of a loaded model's state dict (tied weights under each of their names)."""
+    return fingerprint(
+        (name, t.dtype, tuple(t.shape), tensor_sha256(t)) for name, t in model.state_dict().items()
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -163,9 +191,23 @@ def _write_folder(
     chunks: Iterator[tuple[str, Tensor]],
     tokenizer: Any | None,
     max_shard_size: int | str,
+    check_rows: Callable[[Path], None],
 ) -> None:
-    metadata = {"format": "pt", "firstlayer_source": record["source_fingerprint"]}
-    write_sharded(tmp, specs, chunks, metadata, max_shard_size)
+    """The weights (then the self-check on them), tokenizer, generation config, config last.
+    `record["source_fingerprint"]` may be a callable, known once the weights have streamed."""
+    fingerprint = record["source_fingerprint"]
+    if callable(fingerprint):
+        metadata = {"format": "pt", "firstlayer_source": "0" * 64}
+
+        def final_metadata() -> dict[str, str]:
+            record["source_fingerprint"] = fingerprint()
+            return {**metadata, "firstlayer_source": record["source_fingerprint"]}
+
+        write_sharded(tmp, specs, chunks, metadata, max_shard_size, final_metadata)
+    else:
+        metadata = {"format": "pt", "firstlayer_source": fingerprint}
+        write_sharded(tmp, specs, chunks, metadata, max_shard_size)
+    check_rows(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     generation_config = getattr(model, "generation_config", None)
@@ -178,6 +220,19 @@ def _write_folder(
     _saved_config(model, record, dtype).save_pretrained(tmp)
 
 
+@dataclass
+class Weights:
+    """Where a conversion reads the source's weights: a loaded model's tensors, or a checkpoint
+    read a tensor (a block of rows) at a time (`firstlayer.streaming`)."""
+
+    embedding_weight: Any  # (V, D) rows by index, in the model's dtype
+    blocks: Callable[[str, Tensor], Iterator[Tensor]]  # a kept weight, as blocks of rows
+    fingerprint: str | Callable[[], str]  # a callable when known only after the stream
+
+    def embedding_rows(self, ids: Tensor) -> Tensor:
+        return torch.cat([self.embedding_weight[i : i + 1] for i in ids.tolist()])
+
+
 def convert(
     model: nn.Module,
     out: str | Path,
@@ -186,19 +241,47 @@ def convert(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    on_check: Callable[[RowCheck], None] | None = None,
 ) -> Path:
     """Write the precomputed twin of a loaded model to `out`, streaming the table to disk.
 
     The model is left untouched and no whole table is ever held in memory, so peak memory stays
     close to the model's own size. Weights above `max_shard_size` are split into shards with an
-    index, as save_pretrained does. Returns the folder.
+    index, as save_pretrained does. Before the folder is published, table rows read back from it
+    are checked against the model's own layer 0 (`rowcheck`); `on_check` receives the result.
+    Returns the folder.
     """
+    plan(model)  # refuses a precomputed model before anything is read
+    weights = Weights(
+        embedding_weight=model.get_input_embeddings().weight,
+        blocks=lambda name, tensor: iter((tensor,)),
+        fingerprint=weights_fingerprint(model),
+    )
+    return convert_weights(
+        model, weights, out, tokenizer, dtype, force, progress, max_shard_size, on_check
+    )
+
+
+def convert_weights(
+    model: nn.Module,
+    weights: Weights,
+    out: str | Path,
+    tokenizer: Any | None,
+    dtype: torch.dtype | str | None,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+    max_shard_size: int | str,
+    on_check: Callable[[RowCheck], None] | None,
+) -> Path:
+    """`convert` for a model whose weights `weights` supplies (the model may be on the meta
+    device but for layer 0's token-local modules)."""
     parts, layout, lm_head_from_table = plan(model)
-    dtype = parse_dtype(dtype) or model.get_input_embeddings().weight.dtype
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    dtype = parse_dtype(dtype) or model_dtype
     parallel = layout.is_parallel
     record = firstlayer_record(model, parts, layout, lm_head_from_table, dtype)
-    record["source_fingerprint"] = weights_fingerprint(model)
-    token_local = TokenLocal(model, parts, layout)
+    record["source_fingerprint"] = weights.fingerprint
+    token_local = TokenLocal(model, parts, layout, embedding_weight=weights.embedding_weight)
     vocab_size = token_local.embedding_weight.shape[0]
     dropped = {f"{parts.lm_head}.weight"} if lm_head_from_table else set()
     kept = _kept_weights(model, (parts.embedding, *parts.eliminated(parallel)), dropped)
@@ -215,10 +298,23 @@ def convert(
                 if progress:
                     progress(index * vocab_size + start + len(rows), len(BLOCKS) * vocab_size)
         for name, tensor in kept.items():
-            yield name, _cast(tensor, dtype)
+            for rows in weights.blocks(name, tensor):
+                yield name, _cast(rows, dtype)
+
+    def check_rows(tmp: Path) -> None:
+        ids = sample_ids(vocab_size, special_token_ids(model.config, tokenizer))
+        expected = layer0_reference(model, parts, layout, weights.embedding_rows, ids)
+        stored = stored_rows(SafetensorsFolder(tmp), parts.embedding, ids)
+        result = require(
+            compare_rows(stored, expected, ids, layout, tolerance_for(dtype, model_dtype))
+        )
+        if on_check:
+            on_check(result)
 
     def write(tmp: Path) -> None:
-        _write_folder(tmp, model, record, dtype, specs, chunks(), tokenizer, max_shard_size)
+        _write_folder(
+            tmp, model, record, dtype, specs, chunks(), tokenizer, max_shard_size, check_rows
+        )
 
     return _publish(Path(out), force, write)
 

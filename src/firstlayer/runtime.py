@@ -194,7 +194,10 @@ def lm_head_reads_table(model: nn.Module, parts: Parts, parallel: bool) -> bool:
     """Whether the LM head will read the table's x block: serial blocks and a tied LM head."""
     embedding = model.get_submodule(parts.embedding).weight
     lm_head = model.get_submodule(parts.lm_head).weight
-    return not parallel and lm_head.data_ptr() == embedding.data_ptr()
+    # The same Parameter when tied (also on the meta device, where every data_ptr is 0).
+    return not parallel and (
+        lm_head is embedding or lm_head.data_ptr() == embedding.data_ptr() != 0
+    )
 
 
 def patch(

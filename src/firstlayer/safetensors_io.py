@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from firstlayer.errors import FirstLayerError
 
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -74,6 +76,7 @@ def write_sharded(
     chunks: Iterable[tuple[str, Tensor]],
     metadata: dict[str, str],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    final_metadata: Callable[[], dict[str, str]] | None = None,
 ) -> list[str]:
     """Write `specs` as save_pretrained does: one model.safetensors, or shards split by
     huggingface_hub's own rule plus model.safetensors.index.json. Returns the files written.
@@ -81,6 +84,8 @@ def write_sharded(
     `chunks` arrive in the order of `specs`; each shard holds its tensors in that order, so every
     shard file is written front to back while the stream passes (a tensor larger than a shard
     gets one of its own, out of order with the others, which is why all shards stay open).
+    `final_metadata()`, called once the stream is consumed, replaces values of `metadata` known
+    only then (a fingerprint of what streamed through) by ones of the same length.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
@@ -98,6 +103,9 @@ def write_sharded(
     try:
         for name, part in chunks:
             writers[split.tensor_to_filename[name]].write(name, part)
+        if final_metadata is not None:
+            for writer in writers.values():
+                writer.rewrite_header(final_metadata())
     finally:
         for writer in writers.values():
             writer.close()
@@ -121,10 +129,19 @@ class _ShardWriter:
     """One safetensors file written front to back from (name, part) pieces."""
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
+        self.all_specs = specs
         self.specs = iter(specs)
         self.spec, self.written = next(self.specs, None), 0
         self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self.file.write(header_bytes(specs, metadata))
+        self.header = header_bytes(specs, metadata)
+        self.file.write(self.header)
+
+    def rewrite_header(self, metadata: dict[str, str]) -> None:
+        header = header_bytes(self.all_specs, metadata)
+        assert len(header) == len(self.header), "final metadata must keep the header's length"
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.seek(0, 2)
 
     def write(self, name: str, part: Tensor) -> None:
         if self.spec is not None and self.written == self.spec.nbytes:
@@ -142,3 +159,113 @@ class _ShardWriter:
     def assert_complete(self) -> None:
         complete = self.spec is not None and self.written == self.spec.nbytes
         assert complete and next(self.specs, None) is None, "tensors missing from the stream"
+
+
+class SafetensorsFolder:
+    """Reads tensors, or ranges of their rows, from a folder's safetensors files (one file or
+    shards with an index) by plain file reads: nothing is memory-mapped, so what a reader holds
+    is only what it asked for, however large the checkpoint."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise FirstLayerError(f"{index} is not a valid index ({error})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise FirstLayerError(
+                    f"{path} is missing: {INDEX_NAME} names it; download the checkpoint again"
+                )
+            for tensor, entry in read_header(path).items():
+                self.entries[tensor] = entry
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][1]
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows start:stop of a tensor (its first dimension), read from disk."""
+        path, dtype, shape, offset = self.entries[name]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        data = bytearray((stop - start) * row_bytes)
+        with open(path, "rb") as file:
+            file.seek(offset + start * row_bytes)
+            if file.readinto(data) != len(data):
+                raise FirstLayerError(f"{path} is truncated: download the checkpoint again")
+        if not data:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
+
+    def tensor(self, name: str) -> Tensor:
+        shape = self.shape(name)
+        if not shape:  # a scalar
+            return self.rows_of_scalar(name)
+        return self.rows(name, 0, shape[0])
+
+    def rows_of_scalar(self, name: str) -> Tensor:
+        path, dtype, _, offset = self.entries[name]
+        with open(path, "rb") as file:
+            file.seek(offset)
+            data = bytearray(file.read(dtype.itemsize))
+        return torch.frombuffer(data, dtype=dtype).reshape(())
+
+    def row_blocks(self, name: str, max_bytes: int) -> Iterator[Tensor]:
+        """A tensor as consecutive blocks of whole rows, each at most about `max_bytes`."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            yield self.tensor(name)
+            return
+        row_bytes = math.prod(shape[1:]) * self.dtype(name).itemsize
+        step = max(1, max_bytes // max(row_bytes, 1))
+        for start in range(0, shape[0], step):
+            yield self.rows(name, start, min(start + step, shape[0]))
+
+
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def read_header(path: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]]:
+    """name -> (file, dtype, shape, absolute byte offset) from a safetensors file's header."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise FirstLayerError(f"{path} is truncated: download the checkpoint again")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise FirstLayerError(f"{path} is corrupted or truncated: download it again")
+        try:
+            header = json.loads(file.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise FirstLayerError(f"{path} has a corrupted header ({error})") from None
+    base = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        if base + stop > size:
+            raise FirstLayerError(
+                f"{path} is truncated: {name} ends at byte {base + stop:,}, the file has "
+                f"{size:,}; download the checkpoint again"
+            )
+        if info["dtype"] not in DTYPES_BY_NAME:
+            raise FirstLayerError(f"{path}: {name} has dtype {info['dtype']}, not supported")
+        entries[name] = (path, DTYPES_BY_NAME[info["dtype"]], tuple(info["shape"]), base + start)
+    return entries

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -85,14 +86,23 @@ class TokenLocal(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, parts: Parts, layout: Layout, dtype: torch.dtype | None = None
+        self,
+        model: nn.Module,
+        parts: Parts,
+        layout: Layout,
+        dtype: torch.dtype | None = None,
+        embedding_weight: Any = None,
     ):
-        """`dtype` overrides the build dtype: verify computes the rows as a bfloat16 model would."""
+        """`dtype` overrides the build dtype: verify computes the rows as a bfloat16 model would.
+        `embedding_weight` stands in for the embedding's weight: anything indexable by a range
+        of ids with `shape` and `dtype` (an out-of-core conversion reads rows from disk)."""
         super().__init__()
         embedding = model.get_submodule(parts.embedding)
-        self.embedding_weight = embedding.weight  # (V, D), the model's dtype
+        self.embedding_weight = embedding.weight if embedding_weight is None else embedding_weight
         self.build_dtype = dtype or (
-            embedding.weight.dtype if embedding.weight.dtype in BUILD_DTYPES else torch.float32
+            self.embedding_weight.dtype
+            if self.embedding_weight.dtype in BUILD_DTYPES
+            else torch.float32
         )
         scale = embed_scale(embedding)
         # The factor in the embedding's dtype, as the model multiplies by it, then widened.

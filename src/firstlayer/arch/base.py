@@ -36,6 +36,11 @@ class Parts:
         return self.embedding.rpartition(".")[0]
 
     @property
+    def layer(self) -> str:
+        """Layer 0 itself, the parent of its attention norm."""
+        return self.attn_norm.rpartition(".")[0]
+
+    @property
     def attention(self) -> str:
         """Layer 0's attention module, the parent of its projections."""
         return self.projections[0].rpartition(".")[0]
