@@ -180,22 +180,21 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from firstlayer.checkpoint import convert
-    from firstlayer.loading import load_source
+    from firstlayer.streaming import convert_source
 
-    dtype = dtype_arg(args.dtype)
-    loaded = load_source(args.source, to_convert=True)
+    checks = []
     with progress_bar("table rows") as update:
-        out = convert(
-            loaded.model,
+        out, how = convert_source(
+            args.source,
             args.out,
-            loaded.tokenizer,
-            dtype,
+            dtype_arg(args.dtype),
             args.force,
             update,
-            max_shard_size=args.max_shard_size,
+            args.max_shard_size,
+            on_check=checks.append,
         )
-    print(f"wrote {out}: {describe_folder(out)}")
+    print(f"wrote {out} ({how}): {describe_folder(out)}")
+    print(f"self-check: {checks[0].describe()}")
     return 0
 
 
@@ -215,6 +214,13 @@ def add_verify(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     parser.add_argument("out", metavar="OUT", help="the folder `firstlayer convert` wrote")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        metavar="N",
+        help="only check N table rows read back from OUT against SOURCE's own layer 0, loading "
+        "neither whole model (SOURCE: a safetensors folder)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run_verify)
 
@@ -230,6 +236,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from firstlayer.savings import analyze
     from firstlayer.verify import verify
 
+    if args.rows is not None:
+        return run_verify_rows(args)
     original = load_source(args.source, dtype=torch.float32, to_convert=True)
     model = load(args.out)
     report = verify(original.model, model, original.tokenizer, max_new_tokens=args.max_new_tokens)
@@ -250,6 +258,21 @@ def run_verify(args: argparse.Namespace) -> int:
         note = " (the source is quantized GGUF)" if original.source.kind == "gguf" else ""
         print(format_verify(report, predicted, disk, note))
     return 0 if report.passed else 1
+
+
+def run_verify_rows(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from firstlayer.streaming import check_folder_rows
+
+    result = check_folder_rows(args.source, args.out, args.rows)
+    if args.json:
+        print(json.dumps({**asdict(result), "passed": result.passed}, indent=2))
+    else:
+        print(result.describe())
+        print("PASS" if result.passed else "FAIL")
+    return 0 if result.passed else 1
 
 
 def add_check(commands: argparse._SubParsersAction) -> None:

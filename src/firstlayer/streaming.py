@@ -1,0 +1,285 @@
+"""Out-of-core conversion of a safetensors folder: the table needs only the embedding and layer
+0's token-local weights, so nothing else is ever held in memory.
+
+The model is built from the config on the meta device (no memory); layer 0's token-local modules
+are the only ones given real weights, read from the checkpoint; the embedding is read a chunk of
+rows at a time as the table is built; every other tensor is copied to the output a block of rows
+at a time. Peak memory is layer 0's token-local weights (in float32) plus a few chunk buffers,
+whatever the depth. The folder written is the one `checkpoint.convert` writes from the loaded
+model, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.arch import adapter_for
+from firstlayer.checkpoint import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES,
+    Weights,
+    convert_weights,
+    fingerprint,
+    tensor_bytes,
+    tensor_sha256,
+)
+from firstlayer.errors import FirstLayerError
+from firstlayer.rowcheck import (
+    SAMPLE_ROWS,
+    RowCheck,
+    compare_rows,
+    layer0_reference,
+    sample_ids,
+    special_token_ids,
+    stored_rows,
+    tolerance_for,
+)
+from firstlayer.runtime import family_config, parts_of
+from firstlayer.safetensors_io import SafetensorsFolder
+from firstlayer.table import Layout
+
+# Bytes of a tensor copied (or hashed) per block of rows: large enough to stream at disk speed.
+COPY_BLOCK_BYTES = 64 * 2**20
+
+
+class CheckpointRows:
+    """The embedding's rows as the loaded model would hold them (its dtype), read from disk.
+
+    Rows must be asked for in ranges (table chunks); the sha256 of the whole weight is taken on
+    the way when the first pass reads it front to back, as every conversion's first block does.
+    """
+
+    def __init__(self, folder: SafetensorsFolder, name: str, dtype: torch.dtype):
+        self.folder, self.name, self.dtype = folder, name, dtype
+        self.shape = folder.shape(name)
+        self.device = torch.device("cpu")
+        self._digest, self._next_row = hashlib.sha256(), 0
+
+    def __getitem__(self, ids: Tensor | slice) -> Tensor:
+        if isinstance(ids, slice):
+            start, stop = ids.start, ids.stop
+        else:
+            start, stop = int(ids[0]), int(ids[-1]) + 1
+            assert stop - start == len(ids), "rows are read in ranges"
+        rows = self.folder.rows(self.name, start, stop).to(self.dtype)
+        if start == self._next_row:
+            self._digest.update(memoryview(tensor_bytes(rows)))
+            self._next_row = stop
+        return rows
+
+    def sha256(self) -> str:
+        if self._next_row != self.shape[0]:  # not read front to back: one pass of its own
+            digest = hashlib.sha256()
+            for rows in self.folder.row_blocks(self.name, COPY_BLOCK_BYTES):
+                digest.update(memoryview(tensor_bytes(rows.to(self.dtype))))
+            return digest.hexdigest()
+        return self._digest.hexdigest()
+
+
+def convert_folder(
+    source: str | Path,
+    out: str | Path,
+    tokenizer: Any | None = None,
+    dtype: torch.dtype | str | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    on_check: Callable[[RowCheck], None] | None = None,
+) -> Path:
+    """`checkpoint.convert` for a safetensors folder (sharded or not) that is never loaded.
+
+    Raises FirstLayerError when the checkpoint lacks a tensor the config's model needs (layer 0
+    included) or holds one of another shape; see `streams`.
+    """
+    from firstlayer.loading import check_vocabulary
+
+    model, folder, names = meta_model(Path(source))
+    check_vocabulary(tokenizer, model, Path(source))
+    parts, _ = parts_of(model)
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
+    for module_name in token_local_modules(model):
+        for name, tensor in materialize(model, module_name, folder, names).items():
+            digests[name] = (tensor.dtype, tuple(tensor.shape), tensor_sha256(tensor))
+    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+
+    def blocks(name: str, tensor: Tensor) -> Iterator[Tensor]:
+        digest = hashlib.sha256()
+        for rows in folder.row_blocks(names[name], COPY_BLOCK_BYTES):
+            rows = rows.to(tensor.dtype)
+            digest.update(memoryview(tensor_bytes(rows)))
+            yield rows
+        digests[name] = (tensor.dtype, tuple(tensor.shape), digest.hexdigest())
+
+    def source_fingerprint() -> str:
+        # Every weight of the state dict: copied, eliminated, or the embedding (also under the
+        # name of an LM head tied to it).
+        embedding_sha256 = embedding.sha256()
+        entries = []
+        for name, tensor in model.state_dict().items():
+            if name not in digests:
+                assert names[name] == embedding.name, name
+                digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
+            entries.append((name, *digests[name]))
+        return fingerprint(entries)
+
+    weights = Weights(embedding, blocks, source_fingerprint)
+    return convert_weights(
+        model, weights, out, tokenizer, dtype, force, progress, max_shard_size, on_check
+    )
+
+
+def meta_model(source: Path) -> tuple[nn.Module, SafetensorsFolder, dict[str, str]]:
+    """The config's model on the meta device, the checkpoint, and for every state-dict name the
+    checkpoint tensor holding it (a tied weight may be stored under its partner's name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    adapter_for(family_config(config)["model_type"])  # refuses an unsupported family first
+    folder = SafetensorsFolder(source)
+    dtype = config.dtype or next(
+        (folder.dtype(n) for n in folder.names() if folder.dtype(n).is_floating_point),
+        torch.float32,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (source / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    names = checkpoint_names(model, folder, source)
+    return model.eval(), folder, names
+
+
+class NeedsLoading(FirstLayerError):
+    """transformers builds some weights from several checkpoint tensors (Mixtral's experts
+    fused into one): only a loaded model has them."""
+
+
+def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) -> dict[str, str]:
+    """For every state-dict name, the checkpoint tensor that holds it, renamed by transformers'
+    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) != len(transforms):
+        raise NeedsLoading(
+            f"{source}: transformers combines checkpoint tensors into this model's weights "
+            "when it loads them; convert it from the loaded model"
+        )
+    stored_as = {apply_renamings(name, renamings): name for name in folder.names()}
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    names = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        stored = next(
+            (stored_as[n] for n in aliases.get(id(tensor), [name]) if n in stored_as), None
+        )
+        if stored is None:
+            raise FirstLayerError(
+                f"{source} holds no tensor {name!r}, which its config.json's model needs "
+                "(a checkpoint of another layout, or one cut short): convert from a complete "
+                "checkpoint, or load it with transformers and use `firstlayer.convert`"
+            )
+        if folder.shape(stored) != tuple(tensor.shape):
+            raise FirstLayerError(
+                f"{source}: {stored} is {list(folder.shape(stored))}, but config.json makes it "
+                f"{list(tensor.shape)}: the weights and the config disagree; use the "
+                "config.json that came with these weights"
+            )
+        names[name] = stored
+    return names
+
+
+def token_local_modules(model: nn.Module) -> list[str]:
+    """Layer 0's modules the table is computed from (and so the only ones materialized)."""
+    parts, parallel = parts_of(model)
+    names = [parts.attn_norm, *parts.projections, *parts.head_norms.values()]
+    if parallel:
+        names += [n for n in (parts.mlp_norm, parts.mlp) if n is not None]
+    return names
+
+
+def materialize(
+    model: nn.Module, module_name: str, folder: SafetensorsFolder, names: dict[str, str]
+) -> dict[str, Tensor]:
+    """Give one meta module its weights from the checkpoint, in the model's dtypes; returns them
+    by state-dict name."""
+    module = model.get_submodule(module_name)
+    wanted = module.state_dict(keep_vars=True)
+    tensors = {
+        local: folder.tensor(names[f"{module_name}.{local}"]).to(tensor.dtype)
+        for local, tensor in wanted.items()
+    }
+    module.to_empty(device="cpu")
+    module.load_state_dict(tensors, strict=True)
+    return {f"{module_name}.{local}": tensor for local, tensor in tensors.items()}
+
+
+def check_folder_rows(source: str | Path, out: str | Path, count: int = SAMPLE_ROWS) -> RowCheck:
+    """The conversion's self-check on a written folder: `count` table rows read back from OUT
+    against SOURCE's own layer 0, loading neither whole model."""
+    from firstlayer.checkpoint import read_record
+
+    record = read_record(out)
+    model, folder, names = meta_model(Path(source))
+    parts, _ = parts_of(model)
+    layout = Layout.from_dict(record["table"])
+    for module_name in token_local_modules(model):
+        materialize(model, module_name, folder, names)
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+    vocab_size = embedding.shape[0]
+    ids = sample_ids(vocab_size, special_token_ids(model.config, None), count)
+    rows = Weights(embedding, None, "").embedding_rows
+    expected = layer0_reference(model, parts, layout, rows, ids)
+    stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids)
+    table_dtype = DTYPES[record["table"]["dtype"]]
+    return compare_rows(stored, expected, ids, layout, tolerance_for(table_dtype, model_dtype))
+
+
+def convert_source(
+    spec: str,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    on_check: Callable[[RowCheck], None] | None = None,
+) -> tuple[Path, str]:
+    """Convert SOURCE as `firstlayer convert` does: a safetensors folder out of core, anything
+    else (a GGUF file, which must be dequantized; a checkpoint whose weights transformers
+    combines on loading) loaded first. Returns the folder and how it was read."""
+    from firstlayer.checkpoint import convert
+    from firstlayer.loading import (
+        check_safetensors_shapes,
+        is_precomputed_folder,
+        load_source,
+        load_tokenizer,
+    )
+    from firstlayer.sources import resolve_source
+
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")) and not is_precomputed_folder(path):
+        source = resolve_source(spec)  # refuses a folder without a usable config.json
+        adapter_for(source.config["model_type"])
+        check_safetensors_shapes(path, source.config)
+        try:
+            written = convert_folder(
+                path, out, load_tokenizer(path), dtype, force, progress, max_shard_size, on_check
+            )
+            return written, "out of core"
+        except NeedsLoading:
+            pass  # Mixtral's experts: transformers fuses them on loading
+    loaded = load_source(spec, to_convert=True)
+    written = convert(
+        loaded.model, out, loaded.tokenizer, dtype, force, progress, max_shard_size, on_check
+    )
+    return written, "loaded in memory"
