@@ -44,8 +44,9 @@ from firstlayer.runtime import family_config, parts_of
 from firstlayer.safetensors_io import SafetensorsFolder
 from firstlayer.table import Layout
 
-# Bytes of a tensor copied (or hashed) per block of rows: large enough to stream at disk speed.
-COPY_BLOCK_BYTES = 64 * 2**20
+# Bytes of a tensor copied (or hashed) per block of rows: enough to stream at disk speed, small
+# beside any model worth converting out of core.
+COPY_BLOCK_BYTES = 16 * 2**20
 
 
 class CheckpointRows:
