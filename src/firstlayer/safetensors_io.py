@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +103,9 @@ def write_sharded(
     }
     writers = {file: _ShardWriter(folder / file, s, metadata) for file, s in shard_specs.items()}
     try:
-        for name, part in chunks:
-            writers[split.tensor_to_filename[name]].write(name, part)
+        write_behind(
+            chunks, lambda name, part: writers[split.tensor_to_filename[name]].write(name, part)
+        )
         if final_metadata is not None:
             for writer in writers.values():
                 writer.rewrite_header(final_metadata())
@@ -123,6 +126,40 @@ def write_sharded(
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         files.append(INDEX_NAME)
     return files
+
+
+# Chunks waiting to be written while the next ones are computed or read.
+WRITE_QUEUE_CHUNKS = 4
+
+
+def write_behind(
+    chunks: Iterable[tuple[str, Tensor]], write: Callable[[str, Tensor], None]
+) -> None:
+    """Consume `chunks` in this thread and `write` them in another, so that computing or reading
+    the next chunk overlaps writing this one (torch and file writes release the GIL)."""
+    pending: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
+    failures: list[BaseException] = []
+
+    def drain() -> None:
+        while (item := pending.get()) is not None:
+            if not failures:
+                try:
+                    write(*item)
+                except BaseException as error:  # handed to the consuming thread
+                    failures.append(error)
+
+    writer = threading.Thread(target=drain, name="firstlayer-writer", daemon=True)
+    writer.start()
+    try:
+        for item in chunks:
+            if failures:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        writer.join()
+    if failures:
+        raise failures[0]
 
 
 class _ShardWriter:
