@@ -230,7 +230,12 @@ class Weights:
     fingerprint: str | Callable[[], str]  # a callable when known only after the stream
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
-        return torch.cat([self.embedding_weight[i : i + 1] for i in ids.tolist()])
+        return rows_at(self.embedding_weight, ids)
+
+
+def rows_at(weight: Any, ids: Tensor) -> Tensor:
+    """Rows `ids` of a weight that may only be read in ranges (one from disk)."""
+    return torch.cat([weight[i : i + 1] for i in ids.tolist()])
 
 
 def convert(

@@ -26,6 +26,7 @@ from firstlayer.checkpoint import (
     Weights,
     convert_weights,
     fingerprint,
+    rows_at,
     tensor_bytes,
     tensor_sha256,
 )
@@ -96,7 +97,8 @@ def convert_folder(
     """`checkpoint.convert` for a safetensors folder (sharded or not) that is never loaded.
 
     Raises FirstLayerError when the checkpoint lacks a tensor the config's model needs (layer 0
-    included) or holds one of another shape; see `streams`.
+    included) or holds one of another shape (`checkpoint_names`), and NeedsLoading for one whose
+    weights transformers combines on loading.
     """
     from firstlayer.loading import check_vocabulary
 
@@ -239,8 +241,7 @@ def check_folder_rows(source: str | Path, out: str | Path, count: int = SAMPLE_R
     embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
     vocab_size = embedding.shape[0]
     ids = sample_ids(vocab_size, special_token_ids(model.config, None), count)
-    rows = Weights(embedding, None, "").embedding_rows
-    expected = layer0_reference(model, parts, layout, rows, ids)
+    expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)
     stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids)
     table_dtype = DTYPES[record["table"]["dtype"]]
     return compare_rows(stored, expected, ids, layout, tolerance_for(table_dtype, model_dtype))
