@@ -188,7 +188,7 @@ def _write_folder(
     record: dict,
     dtype: torch.dtype,
     specs: list[TensorSpec],
-    chunks: Iterator[tuple[str, Tensor]],
+    streams: list[Iterator[tuple[str, Tensor]]],
     tokenizer: Any | None,
     max_shard_size: int | str,
     check_rows: Callable[[Path], None],
@@ -203,10 +203,10 @@ def _write_folder(
             record["source_fingerprint"] = fingerprint()
             return {**metadata, "firstlayer_source": record["source_fingerprint"]}
 
-        write_sharded(tmp, specs, chunks, metadata, max_shard_size, final_metadata)
+        write_sharded(tmp, specs, streams, metadata, max_shard_size, final_metadata)
     else:
         metadata = {"format": "pt", "firstlayer_source": fingerprint}
-        write_sharded(tmp, specs, chunks, metadata, max_shard_size)
+        write_sharded(tmp, specs, streams, metadata, max_shard_size)
     check_rows(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -296,12 +296,14 @@ def convert_weights(
         for block in BLOCKS
     ] + [TensorSpec(name, _cast_dtype(t, dtype), tuple(t.shape)) for name, t in kept.items()]
 
-    def chunks() -> Iterator[tuple[str, Tensor]]:
+    def table() -> Iterator[tuple[str, Tensor]]:
         for index, block in enumerate(BLOCKS):
             for start, rows in table_chunks(token_local, vocab_size, block):
                 yield f"{parts.embedding}.{block}", rows.to(dtype)
                 if progress:
                     progress(index * vocab_size + start + len(rows), len(BLOCKS) * vocab_size)
+
+    def copies() -> Iterator[tuple[str, Tensor]]:  # runs beside the table, in a thread
         for name, tensor in kept.items():
             for rows in weights.blocks(name, tensor):
                 yield name, _cast(rows, dtype)
@@ -318,7 +320,15 @@ def convert_weights(
 
     def write(tmp: Path) -> None:
         _write_folder(
-            tmp, model, record, dtype, specs, chunks(), tokenizer, max_shard_size, check_rows
+            tmp,
+            model,
+            record,
+            dtype,
+            specs,
+            [table(), copies()],
+            tokenizer,
+            max_shard_size,
+            check_rows,
         )
 
     return _publish(Path(out), force, write)

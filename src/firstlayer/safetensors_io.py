@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import queue
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -75,7 +75,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 def write_sharded(
     folder: Path,
     specs: list[TensorSpec],
-    chunks: Iterable[tuple[str, Tensor]],
+    streams: Iterable[Iterable[tuple[str, Tensor]]],
     metadata: dict[str, str],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     final_metadata: Callable[[], dict[str, str]] | None = None,
@@ -83,11 +83,13 @@ def write_sharded(
     """Write `specs` as save_pretrained does: one model.safetensors, or shards split by
     huggingface_hub's own rule plus model.safetensors.index.json. Returns the files written.
 
-    `chunks` arrive in the order of `specs`; each shard holds its tensors in that order, so every
-    shard file is written front to back while the stream passes (a tensor larger than a shard
-    gets one of its own, out of order with the others, which is why all shards stay open).
-    `final_metadata()`, called once the stream is consumed, replaces values of `metadata` known
-    only then (a fingerprint of what streamed through) by ones of the same length.
+    Each stream yields (name, part) pieces that join, in order, into its tensors; the streams
+    hold disjoint tensors and run at once, the first in this thread and each other in a thread
+    of its own, so that computing a table overlaps copying other weights (torch, reads and
+    writes release the GIL). Every piece is written at its own offset, so the files are the
+    same whatever the interleaving. `final_metadata()`, called once every stream is consumed,
+    replaces values of `metadata` known only then (a fingerprint of what streamed through) by
+    ones of the same length.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
 
@@ -101,19 +103,17 @@ def write_sharded(
     shard_specs = {
         file: [by_name[name] for name in names] for file, names in split.filename_to_tensors.items()
     }
-    writers = {file: _ShardWriter(folder / file, s, metadata) for file, s in shard_specs.items()}
+    shards = {file: _Shard(folder / file, s, metadata) for file, s in shard_specs.items()}
+    placed = {name: shards[file] for name, file in split.tensor_to_filename.items()}
     try:
-        write_behind(
-            chunks, lambda name, part: writers[split.tensor_to_filename[name]].write(name, part)
-        )
-        if final_metadata is not None:
-            for writer in writers.values():
-                writer.rewrite_header(final_metadata())
+        _consume_at_once(list(streams), lambda name, part: placed[name].write(name, part))
+        for shard in shards.values():
+            shard.assert_complete()
+            if final_metadata is not None:
+                shard.rewrite_header(final_metadata())
     finally:
-        for writer in writers.values():
-            writer.close()
-    for writer in writers.values():
-        writer.assert_complete()
+        for shard in shards.values():
+            shard.close()
     files = sorted(shard_specs)
     if split.is_sharded:
         index = {
@@ -128,74 +128,76 @@ def write_sharded(
     return files
 
 
-# Chunks waiting to be written while the next ones are computed or read.
-WRITE_QUEUE_CHUNKS = 4
-
-
-def write_behind(
-    chunks: Iterable[tuple[str, Tensor]], write: Callable[[str, Tensor], None]
+def _consume_at_once(
+    streams: list[Iterable[tuple[str, Tensor]]], write: Callable[[str, Tensor], None]
 ) -> None:
-    """Consume `chunks` in this thread and `write` them in another, so that computing or reading
-    the next chunk overlaps writing this one (torch and file writes release the GIL)."""
-    pending: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
+    """Write every stream's pieces, the first stream in this thread, the others in threads of
+    their own. A failure (Ctrl-C included) in any stops them all and is raised here."""
+    stop = threading.Event()
     failures: list[BaseException] = []
 
-    def drain() -> None:
-        while (item := pending.get()) is not None:
-            if not failures:
-                try:
-                    write(*item)
-                except BaseException as error:  # handed to the consuming thread
-                    failures.append(error)
+    def consume(stream: Iterable[tuple[str, Tensor]]) -> None:
+        try:
+            for name, part in stream:
+                if stop.is_set():
+                    return
+                write(name, part)
+        except BaseException as error:
+            failures.append(error)
+            stop.set()
 
-    writer = threading.Thread(target=drain, name="firstlayer-writer", daemon=True)
-    writer.start()
+    others = [threading.Thread(target=consume, args=(s,), daemon=True) for s in streams[1:]]
+    for thread in others:
+        thread.start()
     try:
-        for item in chunks:
-            if failures:
-                break
-            pending.put(item)
+        consume(streams[0])
     finally:
-        pending.put(None)
-        writer.join()
+        if failures:
+            stop.set()
+        for thread in others:
+            thread.join()
     if failures:
         raise failures[0]
 
 
-class _ShardWriter:
-    """One safetensors file written front to back from (name, part) pieces."""
+class _Shard:
+    """One safetensors file: its header first, then each tensor's pieces at their offsets."""
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]):
-        self.all_specs = specs
-        self.specs = iter(specs)
-        self.spec, self.written = next(self.specs, None), 0
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.specs = specs
         self.header = header_bytes(specs, metadata)
-        self.file.write(self.header)
-
-    def rewrite_header(self, metadata: dict[str, str]) -> None:
-        header = header_bytes(self.all_specs, metadata)
-        assert len(header) == len(self.header), "final metadata must keep the header's length"
-        self.file.seek(0)
-        self.file.write(header)
-        self.file.seek(0, 2)
+        self.offsets, offset = {}, len(self.header)
+        for spec in specs:
+            self.offsets[spec.name] = offset
+            offset += spec.nbytes
+        self.written = {spec.name: 0 for spec in specs}
+        self.nbytes = {spec.name: spec.nbytes for spec in specs}
+        self.dtypes = {spec.name: spec.dtype for spec in specs}
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, self.header, 0)
 
     def write(self, name: str, part: Tensor) -> None:
-        if self.spec is not None and self.written == self.spec.nbytes:
-            self.spec, self.written = next(self.specs, None), 0
-        assert self.spec is not None and name == self.spec.name, (name, self.spec)
-        assert part.dtype == self.spec.dtype, (name, part.dtype, self.spec.dtype)
+        assert part.dtype == self.dtypes[name], (name, part.dtype, self.dtypes[name])
         data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self.file.write(memoryview(data))
-        self.written += data.nbytes
-        assert self.written <= self.spec.nbytes, (name, self.written, self.spec.nbytes)
+        position = self.offsets[name] + self.written[name]
+        view = memoryview(data)
+        while view:  # pwrite may write less than asked
+            count = os.pwrite(self.fd, view, position)
+            view, position = view[count:], position + count
+        self.written[name] += data.nbytes
+        assert self.written[name] <= self.nbytes[name], (name, self.written[name])
+
+    def rewrite_header(self, metadata: dict[str, str]) -> None:
+        header = header_bytes(self.specs, metadata)
+        assert len(header) == len(self.header), "final metadata must keep the header's length"
+        os.pwrite(self.fd, header, 0)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
     def assert_complete(self) -> None:
-        complete = self.spec is not None and self.written == self.spec.nbytes
-        assert complete and next(self.specs, None) is None, "tensors missing from the stream"
+        missing = [n for n, size in self.nbytes.items() if self.written[n] != size]
+        assert not missing, f"tensors missing from the stream: {missing[:3]}"
 
 
 class SafetensorsFolder:
