@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.arch import Parts, adapter_for
-from firstlayer.arch.base import embed_scale, scale_in
+from firstlayer.arch.base import embed_scale, scale_in, threads_kwargs_to_attention
 from firstlayer.dims import is_parallel, model_dims
 from firstlayer.errors import FirstLayerError
 from firstlayer.table import Layout, TokenLocal, table_chunks, table_layout
@@ -31,8 +31,9 @@ from firstlayer.table import Layout, TokenLocal, table_chunks, table_layout
 FORMAT_VERSION = 2
 # The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
 ROWS_KWARG = "firstlayer_rows"
-# Families whose model does not hand its kwargs to layer 0's attention (Falcon) carry the rows in
-# a context variable instead: one value per thread and per asyncio task, set for one model call.
+# Where the installed transformers does not hand the model's kwargs to layer 0's attention
+# (Falcon; GPT-J before 5.2x) the rows travel in a context variable instead: one value per
+# thread and per asyncio task, set for one model call.
 # torch.compile cannot trace it and breaks the graph there; the kwargs route has no break.
 _CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)
 
@@ -116,7 +117,8 @@ def refuse_embeddings_input(kwargs: dict[str, Any]) -> None:
 
 class RowsFromTable:
     """Forward pre-hook of the base model: looks up the call's q/k/v rows and sends them along
-    with the call, as a keyword argument or (Falcon) in the call's context."""
+    with the call, as a keyword argument or (where transformers does not thread kwargs that far)
+    in the call's context."""
 
     def __init__(self, table: TableEmbedding, through_kwargs: bool):
         self.table = table
@@ -232,7 +234,7 @@ def patch(
         assert not layout.is_parallel, "a parallel row's first columns hold x + mlp(x), not x"
         model.get_submodule(parts.lm_head).weight = table.residual
     base_model = model.get_submodule(parts.base_model)
-    through_kwargs = parts.attention_gets_model_kwargs
+    through_kwargs = threads_kwargs_to_attention(model, parts)
     base_model.register_forward_pre_hook(RowsFromTable(table, through_kwargs), with_kwargs=True)
     if not through_kwargs:
         base_model.register_forward_hook(forget_call_rows, with_kwargs=True, always_call=True)

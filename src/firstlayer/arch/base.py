@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +29,6 @@ class Parts:
     lm_head: str = "lm_head"
     mlp_norm: str | None = None  # parallel only, when the MLP has a norm of its own
     mlp: str | None = None  # parallel only: precomputed as r = x + mlp(mlp_norm(x))
-    # Whether layer 0's attention receives the keyword arguments the model was called with
-    # (transformers' `**kwargs` threading); the table's rows travel that way when it does.
-    attention_gets_model_kwargs: bool = True
 
     @property
     def base_model(self) -> str:
@@ -94,3 +94,38 @@ def has_module(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def threads_kwargs_to_attention(model: nn.Module, parts: Parts) -> bool:
+    """Whether this transformers release hands the model call's keyword arguments through to
+    layer 0's attention: the base model calls its layers with `**kwargs`, and layer 0 calls its
+    attention with `**kwargs`. Read from the installed code, since releases differ (GPT-J gained
+    it after 5.19, Falcon has it in none)."""
+    attention_attr = parts.attention.removeprefix(parts.layer + ".")
+    base_model = model.get_submodule(parts.base_model)
+    layer = model.get_submodule(parts.layer)
+    calls_layers = _calls_with_kwargs(type(base_model).forward, lambda f: isinstance(f, ast.Name))
+    calls_attention = _calls_with_kwargs(
+        type(layer).forward,
+        lambda f: (
+            isinstance(f, ast.Attribute)
+            and f.attr == attention_attr
+            and isinstance(f.value, ast.Name)
+            and f.value.id == "self"
+        ),
+    )
+    return calls_layers and calls_attention
+
+
+def _calls_with_kwargs(function: Callable, callee: Callable[[ast.expr], bool]) -> bool:
+    """Whether `function`'s source calls something `callee` accepts with `**kwargs`."""
+    try:
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(function)))
+    except (OSError, TypeError):
+        return False
+    return any(
+        isinstance(node, ast.Call)
+        and callee(node.func)
+        and any(k.arg is None and isinstance(k.value, ast.Name) for k in node.keywords)
+        for node in ast.walk(ast.parse(source))
+    )

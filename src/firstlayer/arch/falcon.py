@@ -17,8 +17,6 @@ def parts(model: nn.Module) -> Parts:
         projections=(f"{block}.self_attention.query_key_value",),
         mlp_norm=f"{block}.ln_mlp" if has_two_norms else None,
         mlp=f"{block}.mlp",
-        # FalconModel calls its blocks, and they their attention, without the model's kwargs.
-        attention_gets_model_kwargs=False,
     )
 
 
