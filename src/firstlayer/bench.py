@@ -8,6 +8,7 @@ and min-max spreads are reported. Nothing here prints: the CLI renders a BenchRe
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -168,6 +169,10 @@ class DecodeLoop:
         self.device = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.peak_bytes = 0  # CUDA only: the most allocated during any of this loop's runs
+        # transformers 5.24 calls the cache argument `cache`; 5.19 calls it `past_key_values`
+        # (an unknown keyword would vanish into **kwargs and the cache would be ignored).
+        accepted = inspect.signature(model.forward).parameters
+        self.cache_keyword = "cache" if "cache" in accepted else "past_key_values"
         self.step = model.forward
         if compile:
             # Two models x (prefill, decode) shapes x batch sizes share one forward code object:
@@ -180,8 +185,8 @@ class DecodeLoop:
         logits = self.step(
             input_ids=ids,
             position_ids=positions,
-            cache=self.cache,
             use_cache=True,
+            **{self.cache_keyword: self.cache},
             logits_to_keep=1,
         ).logits
         return logits[:, -1].argmax(-1, keepdim=True)

@@ -166,8 +166,12 @@ class NeedsLoading(FirstLayerError):
 def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) -> dict[str, str]:
     """For every state-dict name, the checkpoint tensor that holds it, renamed by transformers'
     own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    from transformers.core_model_loading import WeightRenaming
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers < 5.24 keeps it beside the transforms
+        from transformers.core_model_loading import get_model_conversion_mapping
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -176,7 +180,12 @@ def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) 
             f"{source}: transformers combines checkpoint tensors into this model's weights "
             "when it loads them; convert it from the loaded model"
         )
-    stored_as = {apply_renamings(name, renamings): name for name in folder.names()}
+    stored_as = {}
+    for stored in folder.names():
+        name = stored
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        stored_as[name] = stored
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(parameter), []).append(name)
