@@ -32,7 +32,7 @@ FORMAT_VERSION = 2
 # The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
 ROWS_KWARG = "firstlayer_rows"
 # Where the installed transformers does not hand the model's kwargs to layer 0's attention
-# (Falcon; GPT-J before 5.2x) the rows travel in a context variable instead: one value per
+# (Falcon; GPT-J in 5.19) the rows travel in a context variable instead: one value per
 # thread and per asyncio task, set for one model call.
 # torch.compile cannot trace it and breaks the graph there; the kwargs route has no break.
 _CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)

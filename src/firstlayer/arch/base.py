@@ -99,8 +99,8 @@ def has_module(model: nn.Module, name: str) -> bool:
 def threads_kwargs_to_attention(model: nn.Module, parts: Parts) -> bool:
     """Whether this transformers release hands the model call's keyword arguments through to
     layer 0's attention: the base model calls its layers with `**kwargs`, and layer 0 calls its
-    attention with `**kwargs`. Read from the installed code, since releases differ (GPT-J gained
-    it after 5.19, Falcon has it in none)."""
+    attention with `**kwargs`. Read from the installed code, since releases differ (GPT-J has it
+    in 5.24, not in 5.19; Falcon in neither)."""
     attention_attr = parts.attention.removeprefix(parts.layer + ".")
     base_model = model.get_submodule(parts.base_model)
     layer = model.get_submodule(parts.layer)
