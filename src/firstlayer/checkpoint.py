@@ -109,6 +109,28 @@ def _kept_weights(
     }
 
 
+def weight_conversions(model: nn.Module) -> list:
+    """transformers' renaming and combining rules between this model's checkpoint names and its
+    state dict (`embed_out.` -> `lm_head.`, Mixtral's experts fused into one tensor)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers < 5.24 keeps it beside the transforms
+        from transformers.core_model_loading import get_model_conversion_mapping
+
+    return list(get_model_conversion_mapping(model))
+
+
+def as_saved(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights as save_pretrained writes them: where transformers combines checkpoint tensors
+    on loading (Mixtral's experts), split again, so that every reader of checkpoints (vLLM's
+    loaders among them) finds the names and shapes it knows."""
+    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
+
+    if not any(isinstance(t, WeightConverter) for t in weight_conversions(model)):
+        return weights
+    return dict(revert_weight_conversion(model, weights))
+
+
 def _saved_config(model: nn.Module, record: dict, dtype: torch.dtype) -> Any:
     """The source's config as its family's precomputed config class, with the record."""
     from firstlayer.hf import config_class, model_class
@@ -289,7 +311,9 @@ def convert_weights(
     token_local = TokenLocal(model, parts, layout, embedding_weight=weights.embedding_weight)
     vocab_size = token_local.embedding_weight.shape[0]
     dropped = {f"{parts.lm_head}.weight"} if lm_head_from_table else set()
-    kept = _kept_weights(model, (parts.embedding, *parts.eliminated(parallel)), dropped)
+    kept = as_saved(
+        model, _kept_weights(model, (parts.embedding, *parts.eliminated(parallel)), dropped)
+    )
     widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
     specs = [
         TensorSpec(f"{parts.embedding}.{block}", dtype, (vocab_size, widths[block]))
@@ -429,6 +453,27 @@ def check_folder_files(path: str | Path) -> dict:
                 ": the file is truncated or was replaced; convert the source again"
             )
     return record
+
+
+def save_source(model: nn.Module, folder: str | Path, tokenizer: Any | None = None) -> Path:
+    """The source model as a plain Hugging Face folder (an engine's original, to compare with):
+    save_pretrained, also for a model loaded from GGUF, whose dequantised tensors transformers
+    refuses to save because the load went through its GGUF "quantizer"."""
+    folder = Path(folder)
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization = getattr(model.config, "quantization_config", None)
+    try:
+        model.hf_quantizer = None
+        if quantization is not None:
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if quantization is not None:
+            model.config.quantization_config = quantization
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def load(

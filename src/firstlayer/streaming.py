@@ -29,6 +29,7 @@ from firstlayer.checkpoint import (
     rows_at,
     tensor_bytes,
     tensor_sha256,
+    weight_conversions,
 )
 from firstlayer.errors import FirstLayerError
 from firstlayer.rowcheck import (
@@ -168,12 +169,7 @@ def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) 
     own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...)."""
     from transformers.core_model_loading import WeightRenaming
 
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-    except ImportError:  # transformers < 5.24 keeps it beside the transforms
-        from transformers.core_model_loading import get_model_conversion_mapping
-
-    transforms = get_model_conversion_mapping(model)
+    transforms = weight_conversions(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     if len(renamings) != len(transforms):
         raise NeedsLoading(

@@ -164,7 +164,23 @@ def model_class(model_type: str) -> type:
     }
     cls = type(f"FirstLayer{base.__name__}", (PrecomputedForCausalLM, base), attributes)
     AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
+    register_weight_conversions(model_type)
     return cls
+
+
+def register_weight_conversions(model_type: str) -> None:
+    """The family's checkpoint conversions (Mixtral's experts, stored one tensor per expert and
+    fused on loading) apply to its precomputed model type as well."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    mapping = get_checkpoint_conversion_mapping(model_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(
+            precomputed_model_type(model_type), mapping, overwrite=True
+        )
 
 
 def register() -> None:
