@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 from conftest import FAMILIES, build_tiny, clone
 
-from firstlayer.bench import DecodeLoop, Spread, bench, captured, time_pair, toy_width
+from firstlayer.bench import (
+    DecodeLoop,
+    Spread,
+    bench,
+    captured,
+    median_interval,
+    pair_of,
+    time_pair,
+    toy_width,
+)
 from firstlayer.cli import main
 from firstlayer.runtime import precompute
 from firstlayer.savings import analyze
@@ -153,3 +163,20 @@ def test_bench_cli_on_a_bare_config_end_to_end(tmp_path, capsys):
     assert main(argv[:-3]) == 0  # the text report
     text = capsys.readouterr().out
     assert "captured" in text and "framework overhead" in text and "GB/s" in text
+
+
+def test_median_interval_is_order_statistics_with_their_coverage():
+    low, high, confidence = median_interval(list(range(10, 0, -1)))
+    # n = 10: the 2nd smallest and 2nd largest cover the median with 1 - 2 (1 + 10) / 2^10.
+    assert (low, high) == (2, 9)
+    assert confidence == pytest.approx(1 - 2 * 11 / 1024)
+    assert confidence >= 0.95
+    # Too few values for 95%: min-max, with the confidence it has.
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+
+
+def test_speedup_is_the_median_of_per_pair_ratios():
+    # A neighbour's load slows the second pair's runs alike; its ratio is unaffected.
+    pair = pair_of({"original": [10.0, 40.0, 30.0], "precomputed": [5.0, 20.0, 30.0]})
+    assert pair.speedup == 2.0  # ratios 2, 2, 1; the ratio of the medians would say 1.5
+    assert (pair.ratio.low, pair.ratio.high, pair.ratio.pairs) == (1.0, 2.0, 3)

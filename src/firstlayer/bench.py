@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,16 +42,55 @@ class Spread:
         return cls(statistics.median(values), min(values), max(values))
 
 
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median: (low, high, its confidence).
+
+    The k-th smallest and k-th largest values bound the median with probability
+    1 - 2 P(Binomial(n, 1/2) < k); k is the largest that keeps it at `confidence` or more. With
+    too few values for that (n < 6 at 95%), the min-max range and the confidence it has.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:  # P(x_(k) <= median <= x_(n-k+1))
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Original over precomputed time, one ratio per alternating pair of runs: a neighbour's load
+    that slows both runs of a pair cancels out in its ratio."""
+
+    median: float
+    low: float
+    high: float
+    confidence: float  # of [low, high] as an interval for the median
+    pairs: int
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> Ratio:
+        low, high, confidence = median_interval(ratios)
+        return cls(statistics.median(ratios), low, high, confidence, len(ratios))
+
+
 @dataclass(frozen=True)
 class Pair:
     """One measure of both models, in ms; the speed-up is original over precomputed."""
 
     original: Spread
     precomputed: Spread
+    ratio: Ratio  # per-pair ratios of original over precomputed
 
     @property
     def speedup(self) -> float:
-        return self.original.median / self.precomputed.median
+        return self.ratio.median
 
 
 @dataclass(frozen=True)
@@ -246,10 +286,13 @@ def time_pair(
             decode[name].append(1e3 * statistics.median(steps))
             if progress:
                 progress()
-    return (
-        Pair(Spread.of(decode["original"]), Spread.of(decode["precomputed"])),
-        Pair(Spread.of(prefill["original"]), Spread.of(prefill["precomputed"])),
-    )
+    return pair_of(decode), pair_of(prefill)
+
+
+def pair_of(times: dict[str, list[float]]) -> Pair:
+    """Both models' times, run i of one paired with run i of the other."""
+    ratios = [o / p for o, p in zip(times["original"], times["precomputed"], strict=True)]
+    return Pair(Spread.of(times["original"]), Spread.of(times["precomputed"]), Ratio.of(ratios))
 
 
 def toy_width(config: dict[str, Any]) -> dict[str, Any]:

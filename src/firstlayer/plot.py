@@ -81,20 +81,16 @@ def plot_bench(result: BenchResult, path: str | Path) -> Path:
     for ax, phase in zip(axes, ("decode", "prefill"), strict=True):
         pairs = [getattr(r, f"{phase}_ms") for r in result.results]
         speedups = [p.speedup for p in pairs]
-        # The spread of the ratio: slowest original over fastest precomputed, and the reverse.
-        low = [
-            s - p.original.low / p.precomputed.high for s, p in zip(speedups, pairs, strict=True)
-        ]
-        high = [
-            p.original.high / p.precomputed.low - s for s, p in zip(speedups, pairs, strict=True)
-        ]
+        # The interval of the median per-pair ratio.
+        low = [s - p.ratio.low for s, p in zip(speedups, pairs, strict=True)]
+        high = [p.ratio.high - s for s, p in zip(speedups, pairs, strict=True)]
         ax.errorbar(
             batches,
             speedups,
             yerr=[low, high],
             marker="o",
             capsize=3,
-            label="measured (median, min-max)",
+            label="measured (median per-pair ratio, its interval)",
         )
         ceilings = [getattr(r, f"{phase}_ceiling") for r in result.results]
         bound = "bytes-bound" if phase == "decode" else "FLOPs-bound"

@@ -63,7 +63,8 @@ def format_bench(result: BenchResult) -> str:
         f"{result.model} on {result.device} ({result.threads} threads), {result.dtype}, "
         f"{'torch.compile' if result.compiled else 'eager'}, static KV cache; "
         f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new tokens, "
-        f"{result.repeats} alternating runs per model after a warm-up; medians [min-max]"
+        f"{result.repeats} alternating runs per model after a warm-up; times: medians [min-max]; "
+        "speed-up: median of the per-pair ratios [its 95% interval]"
     )
     rows = _phase_rows(result, "decode", "decode ms/step: original", tokens_per_s=True)
     prefill = _phase_rows(result, "prefill", "prefill ms: original", tokens_per_s=False)
@@ -103,15 +104,16 @@ def format_bench(result: BenchResult) -> str:
 
 def _phase_rows(result: BenchResult, phase: str, title: str, tokens_per_s: bool) -> list[str]:
     header = (
-        f"{'batch':>5}  {title:>26}  {'precomputed':>21}  {'speedup':>7}  {'ceiling':>7}  "
-        f"{'captured':>8}" + (f"  {'tok/s orig':>10}  {'tok/s pre':>9}" if tokens_per_s else "")
+        f"{'batch':>5}  {title:>26}  {'precomputed':>21}  {'speedup [interval]':>25}  "
+        f"{'ceiling':>7}  {'captured':>8}"
+        + (f"  {'tok/s orig':>10}  {'tok/s pre':>9}" if tokens_per_s else "")
     )
     rows = [header]
     for r in result.results:
         timing = getattr(r, f"{phase}_ms")
         row = (
             f"{r.batch:>5}  {_spread(timing.original):>26}  {_spread(timing.precomputed):>21}  "
-            f"{timing.speedup:>6.4f}x  {getattr(r, f'{phase}_ceiling'):>6.4f}x  "
+            f"{_ratio(timing.ratio):>25}  {getattr(r, f'{phase}_ceiling'):>6.4f}x  "
             f"{_share(getattr(r, f'{phase}_captured')):>8}"
         )
         if tokens_per_s:
@@ -121,9 +123,46 @@ def _phase_rows(result: BenchResult, phase: str, title: str, tokens_per_s: bool)
     return rows
 
 
+def _ratio(ratio) -> str:
+    """1.0123x [1.0010-1.0300]; the interval's confidence when too few pairs reach 95%."""
+    text = f"{ratio.median:.4f}x [{ratio.low:.4f}-{ratio.high:.4f}]"
+    return text if ratio.confidence >= 0.95 else f"{text} {100 * ratio.confidence:.0f}%"
+
+
 def _spread(spread) -> str:
     return f"{spread.median:.2f} [{spread.low:.2f}-{spread.high:.2f}]"
 
 
 def _share(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.0f}%"
+
+
+def format_engine_bench(result) -> str:
+    """vLLM's decode speed-up per batch next to its ceiling, and both engines' tokens/s."""
+    head = (
+        f"{result.model} in {result.engine}, {result.dtype}, "
+        f"{'compiled' if result.compiled else 'eager'}; prompt {result.prompt_tokens} tokens, "
+        f"{result.new_tokens} new tokens, {result.repeats} alternating pairs after a warm-up; "
+        "decode step from vLLM's per-request token timestamps; times: medians [min-max]; "
+        "speed-up: median of the per-pair ratios [its 95% interval]"
+    )
+    header = (
+        f"{'batch':>5}  {'decode ms/step: original':>26}  {'precomputed':>21}  "
+        f"{'speedup [interval]':>25}  {'ceiling':>7}  {'captured':>8}  "
+        f"{'vLLM tok/s orig':>15}  {'pre':>7}  {'transformers tok/s orig':>23}  {'pre':>7}"
+    )
+    rows = [header]
+    for r in result.results:
+        timing, engine, loop = r.decode_ms, r.tokens_per_s(), r.transformers_tokens_per_s
+        rows.append(
+            f"{r.batch:>5}  {_spread(timing.original):>26}  {_spread(timing.precomputed):>21}  "
+            f"{_ratio(timing.ratio):>25}  {r.decode_ceiling:>6.4f}x  "
+            f"{_share(r.decode_captured):>8}  {engine['original']:>15.1f}  "
+            f"{engine['precomputed']:>7.1f}  {loop['original']:>23.1f}  {loop['precomputed']:>7.1f}"
+        )
+    note = (
+        "ceilings: analyze --accounting exact (decode bytes-bound); captured = (speedup - 1) / "
+        "(ceiling - 1). transformers tok/s: `firstlayer bench` on the same models, same prompts "
+        "and lengths, after the engines were shut down."
+    )
+    return "\n\n".join([head, "\n".join(rows), note])
