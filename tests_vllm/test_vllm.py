@@ -1,0 +1,210 @@
+"""Precomputed folders in vLLM: the same greedy tokens as vLLM running the original folder, for
+every family the plugin serves, compiled, with two ranks, and nothing missing ever runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from conftest import (
+    WIDE,
+    Family,
+    Run,
+    build_tiny,
+    engine,
+    greedy,
+    max_logprob_difference,
+    original_and_converted,
+    prompts,
+)
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES
+
+# float32 logprobs of the chosen tokens: eager runs agree to the bit in practice; compiled graphs
+# fuse differently around layer 0.
+LOGPROB_TOLERANCE = 1e-4
+
+CASES = (
+    Family("llama", "llama", dict(WIDE, tie_word_embeddings=True)),
+    Family("mistral", "mistral", dict(WIDE, sliding_window=8)),
+    Family("mixtral", "mixtral", dict(WIDE, num_local_experts=4, num_experts_per_tok=2)),
+    Family("qwen2", "qwen2", WIDE),  # q/k/v biases, untied LM head
+    Family("qwen3", "qwen3", dict(WIDE, head_dim=32)),  # per-head q/k norms
+    Family("gemma", "gemma", dict(WIDE, head_dim=32, num_key_value_heads=1)),  # sqrt(D), MQA
+    Family("gemma2", "gemma2", dict(WIDE, head_dim=32, sliding_window=4)),
+    Family("gemma3_text", "gemma3_text", dict(WIDE, head_dim=32, sliding_window=4)),
+    Family("phi3", "phi3", WIDE),  # fused qkv_proj in the checkpoint
+    Family("gptj", "gptj", dict(n_embd=128, n_head=4, initializer_range=0.3)),  # parallel
+    Family("falcon", "falcon", WIDE),  # parallel, multi-query, one all-reduce for attn + MLP
+    Family(
+        "falcon_new",
+        "falcon",
+        dict(WIDE, new_decoder_architecture=True, multi_query=False, num_kv_heads=2, bias=True),
+    ),
+)
+CASE = {case.id: case for case in CASES}
+
+
+def test_every_family_vllm_implements_is_served():
+    from firstlayer.arch import SUPPORTED
+
+    served = {case.model_type for case in CASES}
+    assert served == set(VLLM_FAMILIES)
+    assert set(SUPPORTED) == set(VLLM_FAMILIES) | set(NOT_IN_VLLM)
+
+
+def test_plugin_is_an_entry_point_and_registers_every_family():
+    from vllm import ModelRegistry
+
+    from firstlayer.vllm.models import architecture
+
+    plugin = next(e for e in entry_points(group="vllm.general_plugins") if e.name == "firstlayer")
+    plugin.load()()
+    for model_type in (*VLLM_FAMILIES, *NOT_IN_VLLM):
+        assert architecture(model_type) in ModelRegistry.get_supported_archs()
+
+
+@pytest.fixture(scope="module")
+def folders(workdir) -> dict[str, tuple[Path, Path]]:
+    return {case.id: original_and_converted(case, workdir) for case in CASES}
+
+
+@pytest.mark.parametrize("case_id", list(CASE))
+def test_greedy_tokens_equal_vllm_on_the_original(folders, case_id):
+    original, precomputed = folders[case_id]
+    batch = prompts()
+    expected = greedy(original, batch)
+    got = greedy(precomputed, batch)
+    assert all(len(t) == 32 for t in got.tokens)
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def smollm2_folders(smollm2, workdir) -> tuple[Path, Path]:
+    from firstlayer.checkpoint import convert, save_source
+
+    model, tokenizer = smollm2
+    original = save_source(model, workdir / "smollm2-original", tokenizer)
+    return original, convert(model, workdir / "smollm2-precomputed", tokenizer=tokenizer)
+
+
+def test_smollm2_greedy_tokens_equal_vllm_on_the_original(smollm2, smollm2_folders):
+    _, tokenizer = smollm2
+    questions = ("What is the capital of France?", "Name three colours.", "Count to five, please.")
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
+    batch = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert len({len(ids) for ids in batch}) == 3  # different lengths in one batch
+    original, precomputed = smollm2_folders
+    expected = greedy(original, batch)
+    got = greedy(precomputed, batch)
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+    assert "Paris" in tokenizer.decode(got.tokens[0])
+
+
+@pytest.mark.parametrize("case_id", ["llama", "gptj"])  # serial and parallel
+def test_compiled_equals_original_compiled(folders, case_id):
+    original, precomputed = folders[case_id]
+    compiled = Run(enforce_eager=False)
+    expected = greedy(original, prompts(), compiled)
+    got = greedy(precomputed, prompts(), compiled)
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+TP_CASES = {
+    "gqa": Family("gqa", "llama", dict(WIDE, num_key_value_heads=2)),  # 2 kv heads, one per rank
+    "kv1": Family("kv1", "llama", dict(WIDE, num_key_value_heads=1)),  # kv head replicated
+    "falcon_tp": Family("falcon_tp", "falcon", WIDE),  # parallel block, one all-reduce
+}
+
+
+@pytest.mark.parametrize("case_id", list(TP_CASES))
+def test_two_ranks_equal_the_original_on_two_ranks(workdir, case_id):
+    original, precomputed = original_and_converted(TP_CASES[case_id], workdir)
+    two_ranks = Run(tensor_parallel_size=2)
+    expected = greedy(original, prompts(), two_ranks)
+    got = greedy(precomputed, prompts(), two_ranks)
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+def rewrite_without(folder: Path, tensor_name: str) -> None:
+    """Drop one tensor from a converted folder and re-record the file, as a careless edit would."""
+    from safetensors.torch import load_file, save_file
+
+    from firstlayer.checkpoint import record_weight_files
+    from firstlayer.hf import config_class
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors[tensor_name]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    record_weight_files(folder, config_class(config["firstlayer"]["model_type"]).from_dict(config))
+
+
+@pytest.mark.parametrize(
+    "case_id, tensor_name",
+    [("qwen2", "lm_head.weight"), ("llama", "model.layers.1.mlp.up_proj.weight")],
+)
+def test_a_missing_weight_is_refused_not_run(folders, workdir, case_id, tensor_name):
+    folder = workdir / f"{case_id}-without-{tensor_name}"
+    shutil.copytree(folders[case_id][1], folder)
+    rewrite_without(folder, tensor_name)
+    with pytest.raises(Exception, match=f"lacks weights.*{tensor_name}"):
+        engine(folder)
+
+
+def test_a_truncated_file_is_refused(folders, workdir):
+    folder = workdir / "truncated"
+    shutil.copytree(folders["llama"][1], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(Exception, match="truncated"):
+        engine(folder)
+
+
+def test_a_family_vllm_lacks_is_refused_with_the_reason(workdir):
+    from firstlayer.checkpoint import convert
+
+    gpt_neox = Family("gpt_neox", "gpt_neox", dict(hidden_size=128, num_attention_heads=4))
+    folder = convert(build_tiny(gpt_neox), workdir / "gpt_neox-precomputed")
+    with pytest.raises(Exception, match="does not serve gpt_neox.*Transformers backend"):
+        engine(folder)
+
+
+def test_unsupported_error_is_a_firstlayer_error():
+    from firstlayer.vllm.models import not_served_class
+
+    with pytest.raises(FirstLayerError):
+        not_served_class("phi")(vllm_config=None)
+
+
+def test_bench_in_vllm_times_both_folders_in_pairs(folders):
+    from firstlayer.hf import adopt  # noqa: F401  (registers the precomputed classes)
+    from firstlayer.report import format_engine_bench
+    from firstlayer.savings import analyze
+    from firstlayer.vllm.bench import bench_vllm
+
+    model = build_tiny(CASE["gptj"])
+    result = bench_vllm(model, "gptj", batches=(1, 3), new_tokens=4, prompt_tokens=5, repeats=2)
+    analysis = analyze(model.config.to_dict(), accounting="exact")
+    assert [r.batch for r in result.results] == [1, 3]
+    for r in result.results:
+        assert r.decode_ms.ratio.pairs == 2
+        assert r.decode_ms.original.median > 0 and r.decode_ms.precomputed.median > 0
+        assert r.decode_ceiling == analysis.decode_ceiling(r.batch)
+        assert set(r.transformers_tokens_per_s) == {"original", "precomputed"}
+    assert "vLLM" in format_engine_bench(result)
+    assert result.to_dict()["results"][0]["decode_speedup"] == result.results[0].decode_speedup
