@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES
+from firstlayer.vllm.families import TRANSFORMERS_BACKEND, VLLM_FAMILIES
 
 # float32 logprobs of the chosen tokens: eager runs agree to the bit in practice; compiled graphs
 # fuse differently around layer 0.
@@ -40,6 +40,10 @@ CASES = (
     Family("phi3", "phi3", WIDE),  # fused qkv_proj in the checkpoint
     Family("gptj", "gptj", dict(n_embd=128, n_head=4, initializer_range=0.3)),  # parallel
     Family("falcon", "falcon", WIDE),  # parallel, multi-query, one all-reduce for attn + MLP
+    # vLLM runs these two through its Transformers backend:
+    Family("gpt_neox", "gpt_neox", WIDE),  # parallel, fused per-head qkv, partial rotary
+    Family("gpt_neox_serial", "gpt_neox", dict(WIDE, use_parallel_residual=False)),
+    Family("phi", "phi", dict(WIDE, qk_layernorm=True)),  # shared norm, per-head q/k norms
     Family(
         "falcon_new",
         "falcon",
@@ -49,22 +53,22 @@ CASES = (
 CASE = {case.id: case for case in CASES}
 
 
-def test_every_family_vllm_implements_is_served():
+def test_every_family_is_served_and_tested():
     from firstlayer.arch import SUPPORTED
 
-    served = {case.model_type for case in CASES}
-    assert served == set(VLLM_FAMILIES)
-    assert set(SUPPORTED) == set(VLLM_FAMILIES) | set(NOT_IN_VLLM)
+    tested = {case.model_type for case in CASES}
+    assert tested == set(VLLM_FAMILIES) | set(TRANSFORMERS_BACKEND) == set(SUPPORTED)
 
 
 def test_plugin_is_an_entry_point_and_registers_every_family():
     from vllm import ModelRegistry
 
+    from firstlayer.arch import SUPPORTED
     from firstlayer.vllm.models import architecture
 
     plugin = next(e for e in entry_points(group="vllm.general_plugins") if e.name == "firstlayer")
     plugin.load()()
-    for model_type in (*VLLM_FAMILIES, *NOT_IN_VLLM):
+    for model_type in SUPPORTED:
         assert architecture(model_type) in ModelRegistry.get_supported_archs()
 
 
@@ -112,7 +116,8 @@ def test_smollm2_greedy_tokens_equal_vllm_on_the_original(smollm2, smollm2_folde
     assert "Paris" in tokenizer.decode(got.tokens[0])
 
 
-@pytest.mark.parametrize("case_id", ["llama", "gptj"])  # serial and parallel
+# Serial, parallel, and parallel through vLLM's Transformers backend.
+@pytest.mark.parametrize("case_id", ["llama", "gptj", "gpt_neox"])
 def test_compiled_equals_original_compiled(folders, case_id):
     original, precomputed = folders[case_id]
     compiled = Run(enforce_eager=False)
@@ -175,20 +180,11 @@ def test_a_truncated_file_is_refused(folders, workdir):
         engine(folder)
 
 
-def test_a_family_vllm_lacks_is_refused_with_the_reason(workdir):
-    from firstlayer.checkpoint import convert
-
-    gpt_neox = Family("gpt_neox", "gpt_neox", dict(hidden_size=128, num_attention_heads=4))
-    folder = convert(build_tiny(gpt_neox), workdir / "gpt_neox-precomputed")
-    with pytest.raises(Exception, match="does not serve gpt_neox.*Transformers backend"):
-        engine(folder)
-
-
-def test_unsupported_error_is_a_firstlayer_error():
+def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
     from firstlayer.vllm.models import not_served_class
 
-    with pytest.raises(FirstLayerError):
-        not_served_class("phi")(vllm_config=None)
+    with pytest.raises(FirstLayerError, match="does not serve llama yet.*gpt_neox"):
+        not_served_class("llama")(vllm_config=None)
 
 
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):

@@ -14,11 +14,13 @@ def register() -> None:
     from vllm import ModelRegistry
 
     import firstlayer.hf
-    from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES
+    from firstlayer.arch import SUPPORTED
     from firstlayer.vllm.models import architecture
 
     firstlayer.hf.register()
-    for model_type in (*VLLM_FAMILIES, *NOT_IN_VLLM):
+    # Every family the converter supports: those the plugin does not serve get a class that
+    # refuses with the reason, rather than vLLM's "architecture not supported".
+    for model_type in SUPPORTED:
         name = architecture(model_type)
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")

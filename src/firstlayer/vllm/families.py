@@ -68,9 +68,6 @@ VLLM_FAMILIES: dict[str, VllmFamily] = {
     ),
 }
 
-# Families firstlayer converts that vLLM 0.32 has no class of its own for: it serves them through
-# its generic Transformers backend, whose model the plugin does not patch (yet).
-NOT_IN_VLLM = {
-    "gpt_neox": "vLLM 0.32 runs GPT-NeoX only through its Transformers backend",
-    "phi": "vLLM 0.32 runs Phi (1/1.5/2) only through its Transformers backend",
-}
+# Families vLLM has no class of its own for but runs through its Transformers backend (which builds
+# the transformers model with vLLM's linears and attention); the plugin patches that model.
+TRANSFORMERS_BACKEND = ("gpt_neox", "phi")

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.table import Layout
-from firstlayer.vllm.families import NOT_IN_VLLM, VLLM_FAMILIES, VllmFamily
+from firstlayer.table import Column, Layout
+from firstlayer.vllm.families import TRANSFORMERS_BACKEND, VLLM_FAMILIES, VllmFamily
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
 
@@ -260,18 +260,155 @@ class PrecomputedForCausalLM:
                     yield name, tensor
 
         loaded = set(super().load_weights(renamed()))
-        # vLLM marks a fused parameter loaded when any one of its parts arrived: count the
-        # folder's tensors by the names the transformers model has, then vLLM's parameters.
-        missing = sorted(expected_tensors(self.hf_config) - arrived)
-        missing += sorted({name for name, _ in self.named_parameters()} - loaded)
-        if missing:
-            raise FirstLayerError(
-                f"the folder lacks weights the precomputed {self.model_type} model needs "
-                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
-                "convert the source again"
-            )
+        refuse_missing(self, self.hf_config, arrived, loaded)
         self.get_submodule(embedding).take_loaded_columns()
         return {n for n in loaded if f".{SOURCE}." not in n} | {f"{embedding}.qkv"}
+
+
+def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
+    """Raise unless every tensor the folder should hold arrived and every parameter was loaded.
+
+    vLLM marks a fused parameter loaded when any one of its parts arrived, and its own check
+    exempts ordinary linears and embeddings: count the folder's tensors by the names the
+    transformers model has, then vLLM's parameters."""
+    missing = sorted(expected_tensors(config) - arrived)
+    missing += sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        raise FirstLayerError(
+            f"the folder lacks weights the precomputed {config.firstlayer['model_type']} model "
+            f"needs ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+            "convert the source again"
+        )
+
+
+class PrecomputedTransformersForCausalLM:
+    """Mixed in before vLLM's Transformers backend, for the families vLLM has no class of its
+    own for (GPT-NeoX, Phi): the backend builds the family's transformers model with vLLM's
+    linears and attention, and layer 0 is then patched exactly as on the transformers side
+    (`firstlayer.runtime.patch`): the rows reach layer 0's attention as a keyword argument of
+    the model call. One rank only: the table's columns are not sharded on this route."""
+
+    model_type: str
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        from firstlayer.checkpoint import check_folder_files
+
+        folder = Path(vllm_config.model_config.model)
+        if folder.is_dir():
+            check_folder_files(folder)
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise FirstLayerError(
+                f"vLLM serves {self.model_type} through its Transformers backend, where "
+                "firstlayer's table runs on one rank only: use tensor_parallel_size=1"
+            )
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.hf_config = vllm_config.model_config.hf_config
+        patch_transformers_backend(self, self.hf_config)
+
+    @functools.cached_property
+    def _from_config_kwargs(self) -> dict[str, Any]:
+        """The family's own config for the backend's AutoModel: the base model it builds is
+        the family's, patched afterwards."""
+        return dict(
+            config=source_config(self.config, self.config._attn_implementation),
+            dtype=self.model_config.dtype,
+            trust_remote_code=self.model_config.trust_remote_code,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        positions: Tensor,
+        intermediate_tensors: Any = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The backend's forward, with this call's rows among the keyword arguments it hands the
+        transformers model (vLLM's compile wrapper calls the model's forward directly, so the
+        base model's pre-hook that looks them up on the transformers side does not run)."""
+        from firstlayer.runtime import ROWS_KWARG, refuse_embeddings_input
+
+        refuse_embeddings_input({"inputs_embeds": inputs_embeds})
+        table = self.model.get_input_embeddings()
+        rows = table.rows(input_ids if input_ids.ndim == 2 else input_ids[None])
+        # As long as the token count, which vLLM's compiled graph leaves dynamic.
+        torch._dynamo.mark_dynamic(rows, 1)
+        kwargs[ROWS_KWARG] = rows
+        return super().forward(input_ids, positions, intermediate_tensors, None, **kwargs)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        arrived = set()
+
+        def seen() -> Iterable[tuple[str, Tensor]]:
+            for name, tensor in weights:
+                arrived.add(name)
+                yield name, tensor
+
+        loaded = set(super().load_weights(seen()))
+        refuse_missing(self, self.hf_config, arrived, loaded)
+        return loaded
+
+
+def source_config(config: Any, attn_implementation: str) -> Any:
+    """A precomputed config as its family's plain config (no firstlayer record)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = {k: v for k, v in config.to_dict().items() if k != "firstlayer"}
+    family = config.firstlayer["model_type"]
+    values["model_type"] = family
+    plain = CONFIG_MAPPING[family].from_dict(values)
+    plain._attn_implementation = attn_implementation
+    plain.dtype = torch.get_default_dtype()
+    return plain
+
+
+def patch_transformers_backend(model: nn.Module, config: Any) -> None:
+    """Patch the backend's transformers model as `firstlayer.runtime.patch` patches a
+    transformers model: the adapter's module names, mapped the way the backend maps checkpoint
+    names onto its own tree (`gpt_neox.` -> `model.`)."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from firstlayer.runtime import parts_of, patch
+
+    record = config.firstlayer
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(source_config(config, "eager"))
+    parts, _ = parts_of(reference)
+
+    def mapped(name: str) -> str:
+        target = model.hf_to_vllm_mapper._map_name(f"{name}.weight")
+        if target is None:
+            raise FirstLayerError(f"vLLM's Transformers backend has no module for {name}")
+        return target.removesuffix(".weight")
+
+    parts = dataclasses.replace(
+        parts,
+        embedding=mapped(parts.embedding),
+        attn_norm=mapped(parts.attn_norm),
+        projections=tuple(mapped(p) for p in parts.projections),
+        head_norms={k: mapped(v) for k, v in parts.head_norms.items()},
+        lm_head="lm_head",
+        mlp_norm=mapped(parts.mlp_norm) if parts.mlp_norm else None,
+        mlp=mapped(parts.mlp) if parts.mlp else None,
+    )
+    recorded = Layout.from_dict(record["table"])
+    columns = tuple(Column(mapped(c.module), c.start, c.stop) for c in recorded.columns)
+    fused = None
+    if len({c.module for c in columns}) < len(columns):
+        # The backend fused q, k and v into one projection (Phi) whose output its rewritten
+        # forward splits by the projection's sizes: the rows are all three, in that order.
+        columns = (Column(columns[0].module, columns[0].start, columns[-1].stop),)
+        fused = model.get_submodule(columns[0].module)
+    layout = Layout(recorded.hidden_size, recorded.is_parallel, columns)
+    vocab_size = config.vocab_size
+    blocks = (torch.zeros(vocab_size, width) for width in (layout.hidden_size, layout.qkv_width))
+    reads_table = bool(record["lm_head"]["reads_table"])
+    patch(model, parts, layout, *blocks, reads_table)
+    if fused is not None:
+        rows_module = model.get_submodule(columns[0].module)
+        rows_module.output_sizes, rows_module.tp_size = fused.output_sizes, fused.tp_size
 
 
 def expected_tensors(config: Any) -> set[str]:
@@ -310,12 +447,18 @@ def model_class(model_type: str) -> type:
     if base is None:
         raise FirstLayerError(f"this vLLM has no model class {name} for {model_type}")
     attributes = {
-        "family": VLLM_FAMILIES[model_type],
         "model_type": model_type,
         "__module__": __name__,
-        "__doc__": f"vLLM's {name} whose layer 0 runs from a firstlayer table.",
+        "__doc__": f"vLLM's {base.__name__} for {name}, its layer 0 run from a firstlayer table.",
     }
-    return type(f"FirstLayer{name}", (PrecomputedForCausalLM, base), attributes)
+    if model_type in VLLM_FAMILIES:
+        mixin = PrecomputedForCausalLM
+        attributes["family"] = VLLM_FAMILIES[model_type]
+    elif model_type in TRANSFORMERS_BACKEND:
+        mixin = PrecomputedTransformersForCausalLM
+    else:
+        return not_served_class(model_type)
+    return type(f"FirstLayer{name}", (mixin, base), attributes)
 
 
 class NotServed(nn.Module):
@@ -324,13 +467,12 @@ class NotServed(nn.Module):
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        served = ", ".join(VLLM_FAMILIES)
+        served = ", ".join(served_families())
         raise FirstLayerError(
-            f"firstlayer's vLLM plugin does not serve {self.model_type}: "
-            f"{NOT_IN_VLLM[self.model_type]}; it serves {served}. Run this folder with "
-            "transformers (`import firstlayer`, then AutoModelForCausalLM.from_pretrained)"
+            f"firstlayer's vLLM plugin does not serve {self.model_type} yet (it serves {served}):"
+            " run this folder with transformers (`import firstlayer`, then "
+            "AutoModelForCausalLM.from_pretrained)"
         )
-
 
     # What vLLM's inspection looks for in a text-generation model; never reached.
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -343,6 +485,10 @@ class NotServed(nn.Module):
         raise NotImplementedError
 
 
+def served_families() -> tuple[str, ...]:
+    return (*VLLM_FAMILIES, *TRANSFORMERS_BACKEND)
+
+
 @functools.cache
 def not_served_class(model_type: str) -> type:
     return type(architecture(model_type), (NotServed,), {"model_type": model_type})
@@ -350,10 +496,9 @@ def not_served_class(model_type: str) -> type:
 
 def __getattr__(name: str) -> type:
     """vLLM's registry names classes as "firstlayer.vllm.models:<class>"; they are made here."""
-    for model_type in VLLM_FAMILIES:
+    from firstlayer.arch import SUPPORTED
+
+    for model_type in SUPPORTED:
         if name == architecture(model_type):
             return model_class(model_type)
-    for model_type in NOT_IN_VLLM:
-        if name == architecture(model_type):
-            return not_served_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
