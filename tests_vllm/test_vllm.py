@@ -128,9 +128,10 @@ def test_compiled_equals_original_compiled(folders, case_id):
 
 
 TP_CASES = {
-    "gqa": Family("gqa", "llama", dict(WIDE, num_key_value_heads=2)),  # 2 kv heads, one per rank
-    "kv1": Family("kv1", "llama", dict(WIDE, num_key_value_heads=1)),  # kv head replicated
-    "falcon_tp": Family("falcon_tp", "falcon", WIDE),  # parallel block, one all-reduce
+    "gqa": Family("gqa", "llama", dict(WIDE, num_key_value_heads=2)),  # serial, a kv head per rank
+    # Parallel, multi-query: its one kv head is replicated on both ranks, and attention and MLP
+    # share one all-reduce.
+    "falcon_tp": Family("falcon_tp", "falcon", WIDE),
 }
 
 
