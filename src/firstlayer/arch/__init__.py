@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firstlayer.arch import falcon, gpt_neox, gptj, llama, phi, phi3
+from firstlayer.arch import bloom, falcon, gpt_neox, gptj, llama, mpt, phi, phi3
 from firstlayer.arch.base import Adapter, Parts
 from firstlayer.errors import FirstLayerError
 
@@ -13,6 +13,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     gptj.ADAPTER,
     phi.ADAPTER,
     falcon.ADAPTER,
+    bloom.ADAPTER,
+    mpt.ADAPTER,
 )
 
 SUPPORTED = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
