@@ -168,6 +168,7 @@ def _layer_kwargs(layer: nn.Module, batch: int) -> dict:
     offered = {
         "attention_mask": None,
         "alibi": None,
+        "position_bias": None,
         "position_ids": torch.zeros(batch, 1, dtype=torch.long),
         "position_embeddings": None,
         "layer_past": None,
