@@ -11,29 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from firstlayer.errors import FirstLayerError
+from firstlayer.families import refuse_not_applicable
 
 # The paper's hypothetical parallel Mixtral has no Hugging Face form; its preset sets this key.
 HYPOTHETICAL_PARALLEL = "firstlayer_hypothetical_parallel"
-
-# Families that add an absolute position embedding to the token embedding before layer 0.
-# fmt: off
-LEARNED_POSITIONS = (
-    "gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "openai-gpt", "ctrl", "imagegpt", "bert",
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "distilbert", "electra", "albert",
-    "megatron-bert", "ernie", "layoutlm", "mobilebert", "bert-generation", "xlm", "mpnet",
-    "big_bird", "longformer", "data2vec-text", "bart", "mbart", "plbart", "mvp", "led",
-    "blenderbot", "blenderbot-small", "blenderbot_small", "whisper", "git", "decision_transformer",
-    "kosmos-2", "trocr",
-)
-SINUSOIDAL_POSITIONS = (
-    "xglm", "marian", "pegasus", "pegasus_x", "m2m_100", "nllb-moe", "fsmt", "speech_to_text",
-    "musicgen", "musicgen_melody", "prophetnet", "xlm-prophetnet",
-)
-# fmt: on
-ABSOLUTE_POSITIONS = {
-    **dict.fromkeys(LEARNED_POSITIONS, "a learned"),
-    **dict.fromkeys(SINUSOIDAL_POSITIONS, "a sinusoidal"),
-}
 
 # The per-family defaults transformers fills in when config.json leaves a field out; a test checks
 # them against the config classes. Generic fall-backs (num_key_value_heads -> heads) are in code.
@@ -78,10 +59,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "granitemoe": {"tie_word_embeddings": False, "attention_bias": False,
                    "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {"tie_word_embeddings": False, "num_key_value_heads": 16, "qkv_bias": True,
-                  "num_experts": 60, "num_experts_per_tok": 4,
+                  "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
                   "shared_expert_intermediate_size": 5632},
     "qwen3_moe": {"tie_word_embeddings": False, "num_key_value_heads": 4, "attention_bias": False,
-                  "num_experts": 128, "num_experts_per_tok": 8},
+                  "num_experts_per_tok": 8, "moe_intermediate_size": 768},
     "gpt_oss": {"tie_word_embeddings": False, "num_key_value_heads": 8, "head_dim": 64,
                 "attention_bias": True, "num_local_experts": 128, "num_experts_per_tok": 4},
     "phimoe": {"tie_word_embeddings": False, "num_key_value_heads": 8, "attention_bias": False,
@@ -94,7 +75,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "head_dim": 128},
     "helium": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
                "num_key_value_heads": 20, "head_dim": 128},
-    "exaone4": {"tie_word_embeddings": False},
+    "exaone4": {"tie_word_embeddings": False, "num_key_value_heads": 32},
     "arcee": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
               "hidden_act": "relu2"},
     "seed_oss": {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": False,
@@ -112,6 +93,9 @@ GEMMA = ("gemma", "gemma2", "gemma3_text")
 PLAIN_MLP = ("gpt_neox", "gptj", "phi", "falcon", "starcoder2", "bloom", "mpt", "nemotron",
              "arcee", "apertus")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "granitemoe", "phimoe")
+# Qwen3-MoE's config.json says num_experts and transformers writes num_local_experts: a default
+# under one name in FAMILY_DEFAULTS would hide a value under the other, so it is applied last.
+DEFAULT_EXPERTS = {"qwen3_moe": 128}
 # Families whose attention ignores config.head_dim and always splits d evenly over the heads.
 EVEN_HEADS = ("gpt_neox", "gptj", "falcon", "stablelm", "bloom", "mpt")
 # An unknown family's own default is unknown; True is BLOOM's, MPT's and transformers v4's.
@@ -255,20 +239,9 @@ def is_parallel(config: Mapping[str, Any] | Any) -> bool:
 
 
 def check_family(config: Mapping[str, Any]) -> None:
-    """Raise unless the config names a family whose layer 0 sees the token alone."""
+    """Raise unless the config names a family whose layer 0 sees the token alone (see
+    `families`)."""
     _with_defaults(config)
-
-
-def refuse_absolute_positions(model_type: str) -> None:
-    """Raise for families whose layer 0 also sees the token's position, with the reason."""
-    kind = ABSOLUTE_POSITIONS.get(model_type)
-    if kind is not None:
-        raise FirstLayerError(
-            f"{model_type} adds {kind} absolute position embedding to the token embedding before "
-            "layer 0, so layer 0's work is not a function of the token id alone (arXiv 2402.13388 "
-            "needs RoPE, ALiBi or no position encoding): use a model such as Llama, Mistral, Qwen, "
-            "Gemma, Pythia, Phi, Falcon or SmolLM"
-        )
 
 
 # --- reading the config ---------------------------------------------------------------------
@@ -284,7 +257,7 @@ def _with_defaults(config: Mapping[str, Any] | Any) -> dict[str, Any]:
             "the config has no model_type, so its family is unknown: pass the config.json that "
             'comes with the Hugging Face checkpoint (it names the family, e.g. "llama")'
         )
-    refuse_absolute_positions(t)
+    refuse_not_applicable(t)
     present = {k: v for k, v in config.items() if v is not None}
     return {**FAMILY_DEFAULTS.get(t, {}), **present}
 
@@ -341,7 +314,8 @@ def _n_experts(cfg: Mapping[str, Any], t: str, known: bool) -> int:
     if known and t not in MOE:
         return 1
     # Some dense configs write num_experts: 0.
-    return _checked("num_local_experts", _first(cfg, ("num_local_experts", "num_experts")) or 1)
+    n = _first(cfg, ("num_local_experts", "num_experts")) or DEFAULT_EXPERTS.get(t, 1)
+    return _checked("num_local_experts", n)
 
 
 def _ffn_matrices(cfg: Mapping[str, Any], t: str, known: bool) -> int:
