@@ -59,6 +59,42 @@ FAMILIES = (
         "falcon",
         dict(new_decoder_architecture=True, multi_query=False, num_kv_heads=2, bias=True),
     ),
+    Family("bloom", "bloom"),  # ALiBi, a LayerNorm on the embedding before layer 0, tied
+    Family("mpt", "mpt", dict(attn_config=dict(clip_qkv=0.3))),  # ALiBi, fused Wqkv clamped
+    Family("cohere", "cohere", dict(use_qk_norm=True, logit_scale=0.5)),  # parallel, tied
+    Family("cohere2", "cohere2", dict(sliding_window=4, logit_scale=0.5)),  # parallel, tied
+    Family("stablelm", "stablelm", dict(qk_layernorm=True, use_qkv_bias=True)),  # serial
+    Family("stablelm_parallel", "stablelm", dict(use_parallel_residual=True, qk_layernorm=True)),
+    Family("olmo", "olmo", dict(clip_qkv=0.3)),  # norms without weights, clamped q/k/v
+    Family("olmo2", "olmo2"),  # no attention norm; q/k norms across all heads
+    Family("olmo3", "olmo3", dict(sliding_window=4)),
+    Family("olmoe", "olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+    Family("granite", "granite", dict(embedding_multiplier=3.0)),  # x * multiplier before layer 0
+    Family("granitemoe", "granitemoe", dict(num_local_experts=4, embedding_multiplier=2.0)),
+    Family(
+        "qwen2_moe",
+        "qwen2_moe",
+        dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    ),
+    Family(
+        "qwen3_moe",
+        "qwen3_moe",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    ),
+    # biases, attention sinks, alternating sliding windows, MoE with biased experts
+    Family("gpt_oss", "gpt_oss", dict(num_local_experts=4, head_dim=16, sliding_window=4)),
+    Family("phimoe", "phimoe", dict(num_local_experts=4)),
+    Family("starcoder2", "starcoder2", dict(bos_token_id=1, eos_token_id=2)),
+    Family("nemotron", "nemotron"),  # LayerNorm1P, partial rotary, relu2 MLP
+    Family("glm4", "glm4", dict(pad_token_id=0, head_dim=16)),  # sandwich norms, fused gate_up
+    Family("glm", "glm", dict(pad_token_id=0, head_dim=16)),
+    Family("smollm3", "smollm3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    Family("helium", "helium", dict(head_dim=16)),
+    Family("exaone4", "exaone4", dict(sliding_window=4)),  # no attention norm, per-head q/k norms
+    Family("arcee", "arcee"),
+    Family("seed_oss", "seed_oss", dict(head_dim=16)),
+    Family("ernie4_5", "ernie4_5", dict(use_bias=True, head_dim=16)),
+    Family("apertus", "apertus"),  # xIELU MLP
 )
 FAMILY_IDS = [f.id for f in FAMILIES]
 

@@ -140,7 +140,7 @@ def test_absolute_position_families_are_refused_with_the_reason(model_type):
 
 def test_alibi_families_are_not_refused():
     m = model_dims(dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=256))
-    assert (m.d, m.ffn_hidden, m.ffn_matrices, m.layout.is_known) == (64, 256, 2, False)
+    assert (m.d, m.ffn_hidden, m.ffn_matrices, m.layout.is_known) == (64, 256, 2, True)
     assert model_dims(dict(model_type="falcon", alibi=True, **TINY)).is_parallel
 
 

@@ -103,18 +103,18 @@ def test_unsupported_family_names_the_supported_ones(tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "olmo2",
+        "granitemoeshared",
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=2,
         num_hidden_layers=1,
         vocab_size=64,
     )
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmo2")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
     fails_with(
         capsys,
-        ["convert", str(tmp_path / "olmo2"), str(tmp_path / "out")],
-        "'olmo2' is not supported",
+        ["convert", str(tmp_path / "source"), str(tmp_path / "out")],
+        "'granitemoeshared' is not supported yet",
         "llama",
         "gpt_neox",
         "falcon",

@@ -19,8 +19,9 @@ from firstlayer.cli import main
 from firstlayer.errors import FirstLayerError
 from firstlayer.streaming import NeedsLoading, convert_folder, convert_source
 
-# Mixtral's checkpoint stores its experts one by one; transformers fuses them when it loads.
-STREAMED = [f for f in FAMILIES if f.model_type != "mixtral"]
+# These MoE checkpoints store their experts one by one; transformers fuses them when it loads.
+FUSED_ON_LOADING = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe")
+STREAMED = [f for f in FAMILIES if f.model_type not in FUSED_ON_LOADING]
 
 
 def family(family_id: str):

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
+        add_families,
         add_analyze,
         add_convert,
         add_verify,
@@ -100,6 +101,31 @@ def dtype_arg(name: str | None) -> Any:
     from firstlayer.checkpoint import parse_dtype
 
     return parse_dtype(name)
+
+
+# --- families ------------------------------------------------------------------------------
+
+
+def add_families(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "families", help="list every model family: supported, not applicable and why, not yet"
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one object per model type")
+    output.add_argument("--markdown", action="store_true", help="the README's table")
+    parser.set_defaults(run=run_families)
+
+
+def run_families(args: argparse.Namespace) -> int:
+    import json
+
+    from firstlayer.families import FAMILIES, families_markdown, families_text
+
+    if args.json:
+        print(json.dumps(list(FAMILIES.values()), indent=2))
+    else:
+        print(families_markdown() if args.markdown else families_text(), end="")
+    return 0
 
 
 # --- analyze -------------------------------------------------------------------------------

@@ -11,29 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from firstlayer.errors import FirstLayerError
+from firstlayer.families import refuse_not_applicable
 
 # The paper's hypothetical parallel Mixtral has no Hugging Face form; its preset sets this key.
 HYPOTHETICAL_PARALLEL = "firstlayer_hypothetical_parallel"
-
-# Families that add an absolute position embedding to the token embedding before layer 0.
-# fmt: off
-LEARNED_POSITIONS = (
-    "gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "openai-gpt", "ctrl", "imagegpt", "bert",
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "distilbert", "electra", "albert",
-    "megatron-bert", "ernie", "layoutlm", "mobilebert", "bert-generation", "xlm", "mpnet",
-    "big_bird", "longformer", "data2vec-text", "bart", "mbart", "plbart", "mvp", "led",
-    "blenderbot", "blenderbot-small", "blenderbot_small", "whisper", "git", "decision_transformer",
-    "kosmos-2", "trocr",
-)
-SINUSOIDAL_POSITIONS = (
-    "xglm", "marian", "pegasus", "pegasus_x", "m2m_100", "nllb-moe", "fsmt", "speech_to_text",
-    "musicgen", "musicgen_melody", "prophetnet", "xlm-prophetnet",
-)
-# fmt: on
-ABSOLUTE_POSITIONS = {
-    **dict.fromkeys(LEARNED_POSITIONS, "a learned"),
-    **dict.fromkeys(SINUSOIDAL_POSITIONS, "a sinusoidal"),
-}
 
 # The per-family defaults transformers fills in when config.json leaves a field out; a test checks
 # them against the config classes. Generic fall-backs (num_key_value_heads -> heads) are in code.
@@ -69,12 +50,54 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "falcon": {"tie_word_embeddings": True, "parallel_attn": True, "multi_query": True,
                "new_decoder_architecture": False, "bias": False, "alibi": False,
                "activation": "gelu"},
+    "bloom": {"tie_word_embeddings": True},
+    "mpt": {"tie_word_embeddings": True, "no_bias": True},
+    "cohere2": {"tie_word_embeddings": True, "attention_bias": False},
+    "olmo3": {"tie_word_embeddings": False, "attention_bias": False},
+    "olmoe": {"tie_word_embeddings": False, "attention_bias": False, "num_experts": 64,
+              "num_experts_per_tok": 8},
+    "granitemoe": {"tie_word_embeddings": False, "attention_bias": False,
+                   "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {"tie_word_embeddings": False, "num_key_value_heads": 16, "qkv_bias": True,
+                  "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632},
+    "qwen3_moe": {"tie_word_embeddings": False, "num_key_value_heads": 4, "attention_bias": False,
+                  "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+    "gpt_oss": {"tie_word_embeddings": False, "num_key_value_heads": 8, "head_dim": 64,
+                "attention_bias": True, "num_local_experts": 128, "num_experts_per_tok": 4},
+    "phimoe": {"tie_word_embeddings": False, "num_key_value_heads": 8, "attention_bias": False,
+               "lm_head_bias": False, "num_local_experts": 16, "num_experts_per_tok": 2},
+    "nemotron": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+                 "hidden_act": "relu2"},
+    "glm4": {"tie_word_embeddings": False, "attention_bias": True, "num_key_value_heads": 2,
+             "head_dim": 128},
+    "glm": {"tie_word_embeddings": False, "attention_bias": True, "num_key_value_heads": 2,
+            "head_dim": 128},
+    "helium": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+               "num_key_value_heads": 20, "head_dim": 128},
+    "exaone4": {"tie_word_embeddings": False, "num_key_value_heads": 32},
+    "arcee": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+              "hidden_act": "relu2"},
+    "seed_oss": {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": False,
+                 "attention_out_bias": False, "num_key_value_heads": 8, "head_dim": 128},
+    "ernie4_5": {"tie_word_embeddings": True, "use_bias": False, "num_key_value_heads": 2,
+                 "head_dim": 128},
+    "apertus": {"tie_word_embeddings": False, "attention_bias": False, "hidden_act": "xielu"},
 }
-LLAMA_LIKE = ("llama", "granite", "smollm3", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
+LLAMA_LIKE = (
+    "llama", "granite", "smollm3", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "helium",
+    "arcee", "granitemoe", "phimoe", "qwen3_moe", "olmoe", "gpt_oss", "exaone4", "apertus",
+)
 GEMMA = ("gemma", "gemma2", "gemma3_text")
-PLAIN_MLP = ("gpt_neox", "gptj", "phi", "falcon", "starcoder2")  # fc_in/fc_out, no gate
+# fc_in/fc_out (or up/down), no gate
+PLAIN_MLP = ("gpt_neox", "gptj", "phi", "falcon", "starcoder2", "bloom", "mpt", "nemotron",
+             "arcee", "apertus")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "granitemoe", "phimoe")
+# Qwen3-MoE's config.json says num_experts and transformers writes num_local_experts: a default
+# under one name in FAMILY_DEFAULTS would hide a value under the other, so it is applied last.
+DEFAULT_EXPERTS = {"qwen3_moe": 128}
 # Families whose attention ignores config.head_dim and always splits d evenly over the heads.
-EVEN_HEADS = ("gpt_neox", "gptj", "falcon", "stablelm")
+EVEN_HEADS = ("gpt_neox", "gptj", "falcon", "stablelm", "bloom", "mpt")
 # An unknown family's own default is unknown; True is BLOOM's, MPT's and transformers v4's.
 GENERIC_TIED = True
 
@@ -98,6 +121,9 @@ class Layout:
     has_attn_norm: bool = True  # OLMo-2 normalises after attention, not before
     has_mlp_norm: bool = False  # parallel blocks only: the FFN has a norm of its own
     qk_norm_weights: int = 0  # per layer: Qwen3/Gemma3 per-head gains, OLMo-2 full-width ones
+    small_per_layer: int = 0  # attention sinks (gpt-oss), router biases, xIELU's gains (Apertus)
+    shared_expert_hidden: int = 0  # Qwen2-MoE: a gated FFN every token uses, and its gate (d)
+    embedding_norm_vectors: int = 0  # BLOOM's LayerNorm on the embedding, before layer 0
     lm_head_bias: bool = False
     is_known: bool = True  # False: an unknown family, counted as a Llama-style layer
 
@@ -202,7 +228,7 @@ def is_parallel(config: Mapping[str, Any] | Any) -> bool:
     t = cfg["model_type"]
     if HYPOTHETICAL_PARALLEL in cfg:
         return bool(cfg[HYPOTHETICAL_PARALLEL])
-    if t in ("gptj", "phi", "cohere"):
+    if t in ("gptj", "phi", "cohere", "cohere2"):
         return True
     if t == "falcon":
         # The new decoder architecture (Falcon-40B/180B) is parallel whatever parallel_attn says.
@@ -213,20 +239,9 @@ def is_parallel(config: Mapping[str, Any] | Any) -> bool:
 
 
 def check_family(config: Mapping[str, Any]) -> None:
-    """Raise unless the config names a family whose layer 0 sees the token alone."""
+    """Raise unless the config names a family whose layer 0 sees the token alone (see
+    `families`)."""
     _with_defaults(config)
-
-
-def refuse_absolute_positions(model_type: str) -> None:
-    """Raise for families whose layer 0 also sees the token's position, with the reason."""
-    kind = ABSOLUTE_POSITIONS.get(model_type)
-    if kind is not None:
-        raise FirstLayerError(
-            f"{model_type} adds {kind} absolute position embedding to the token embedding before "
-            "layer 0, so layer 0's work is not a function of the token id alone (arXiv 2402.13388 "
-            "needs RoPE, ALiBi or no position encoding): use a model such as Llama, Mistral, Qwen, "
-            "Gemma, Pythia, Phi, Falcon or SmolLM"
-        )
 
 
 # --- reading the config ---------------------------------------------------------------------
@@ -242,7 +257,7 @@ def _with_defaults(config: Mapping[str, Any] | Any) -> dict[str, Any]:
             "the config has no model_type, so its family is unknown: pass the config.json that "
             'comes with the Hugging Face checkpoint (it names the family, e.g. "llama")'
         )
-    refuse_absolute_positions(t)
+    refuse_not_applicable(t)
     present = {k: v for k, v in config.items() if v is not None}
     return {**FAMILY_DEFAULTS.get(t, {}), **present}
 
@@ -296,10 +311,11 @@ def _kv_heads(cfg: Mapping[str, Any], t: str, n_heads: int) -> int:
 
 
 def _n_experts(cfg: Mapping[str, Any], t: str, known: bool) -> int:
-    if known and t != "mixtral":
+    if known and t not in MOE:
         return 1
     # Some dense configs write num_experts: 0.
-    return _checked("num_local_experts", _first(cfg, ("num_local_experts", "num_experts")) or 1)
+    n = _first(cfg, ("num_local_experts", "num_experts")) or DEFAULT_EXPERTS.get(t, 1)
+    return _checked("num_local_experts", n)
 
 
 def _ffn_matrices(cfg: Mapping[str, Any], t: str, known: bool) -> int:
@@ -315,6 +331,10 @@ def _ffn_hidden(cfg: Mapping[str, Any], t: str, d: int) -> int:
         return _int(cfg, ("n_inner",), default=4 * d)
     if t == "falcon":
         return _int(cfg, ("ffn_hidden_size",), default=4 * d)
+    if t in ("bloom", "mpt"):
+        return 4 * d  # hard-coded in their MLPs (MPT's expansion_ratio is not read)
+    if t in ("qwen2_moe", "qwen3_moe"):
+        return _required(cfg, ("moe_intermediate_size",))
     if t not in FAMILY_DEFAULTS:
         ratio = cfg.get("expansion_ratio", 4)
         return _int(cfg, ("moe_intermediate_size", *FFN), default=int(ratio * d))
@@ -326,24 +346,54 @@ def _layout(cfg: Mapping[str, Any], t: str, q_dim: int, e: int, head_dim: int) -
     bias = bool(cfg.get("attention_bias", False))  # q, k, v and o, where a family reads it
     if t == "qwen2":
         return Layout(qkv_bias=True)  # hard-coded, whatever the config says
-    if t in LLAMA_LIKE or t not in FAMILY_DEFAULTS:
-        qk = 2 * head_dim if t == "qwen3" else 0  # one RMSNorm(head_dim) for q, one for k
+    if t == "qwen2_moe":
+        return Layout(
+            qkv_bias=bool(cfg["qkv_bias"]),
+            shared_expert_hidden=cfg["shared_expert_intermediate_size"],
+        )
+    if t in ("glm", "glm4", "seed_oss"):
+        # q, k, v biased by attention_bias; o by attention_out_bias (Seed-OSS) or never. GLM-4
+        # adds norms after attention and after the FFN.
+        o_bias = bool(cfg.get("attention_out_bias", False))
         mlp_bias = bool(cfg.get("mlp_bias", False))
-        return Layout(bias, bias, mlp_bias, qk_norm_weights=qk, is_known=t in FAMILY_DEFAULTS)
+        return Layout(bias, o_bias, mlp_bias, norms_per_layer=4 if t == "glm4" else 2)
+    if t == "ernie4_5":
+        b = bool(cfg["use_bias"])
+        return Layout(b, b, b)
+    if t in LLAMA_LIKE or t not in FAMILY_DEFAULTS:
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+        return Layout(
+            bias,
+            bias,
+            mlp_bias or t == "gpt_oss",  # gpt-oss: every expert's projections are biased
+            norm_vectors=2 if t == "phimoe" else 1,  # LayerNorm
+            has_attn_norm=t != "exaone4",  # norms after attention and FFN only
+            qk_norm_weights=_qk_norm_weights(t, q_dim, e, head_dim),
+            small_per_layer=_small_per_layer(cfg, t),
+            lm_head_bias=bool(cfg.get("lm_head_bias", False)),
+            is_known=t in FAMILY_DEFAULTS,
+        )
     if t in GEMMA:
         # Gemma 2 and 3 add norms after attention and around the FFN; Gemma 3 norms q and k.
         qk = 2 * head_dim if t == "gemma3_text" else 0
         return Layout(bias, bias, norms_per_layer=2 if t == "gemma" else 4, qk_norm_weights=qk)
     if t == "olmo":
         return Layout(bias, bias, norm_vectors=0)  # LayerNorm without weights
-    if t == "olmo2":
+    if t in ("olmo2", "olmo3"):
         # Norms after attention and FFN, and q/k normalised over their full width.
         return Layout(bias, bias, has_attn_norm=False, qk_norm_weights=q_dim + e)
-    if t == "cohere":
+    if t in ("cohere", "cohere2"):
         # One bias-free LayerNorm feeds attention and FFN; q/k norms have a gain per head.
-        return Layout(
-            bias, bias, norms_per_layer=1, qk_norm_weights=(q_dim + e) * cfg["use_qk_norm"]
-        )
+        qk = (q_dim + e) * bool(cfg.get("use_qk_norm", False))
+        return Layout(bias, bias, norms_per_layer=1, qk_norm_weights=qk)
+    if t == "bloom":
+        return Layout(True, True, True, norm_vectors=2, embedding_norm_vectors=2)
+    if t == "mpt":
+        b = not cfg["no_bias"]  # biases everywhere, norms included, unless no_bias
+        return Layout(b, b, b, norm_vectors=1 + b)
+    if t == "nemotron":
+        # LayerNorm1P: gain and bias; o_proj biased with q, k and v.
+        return Layout(bias, bias, bool(cfg["mlp_bias"]), norm_vectors=2)
     if t == "stablelm":
         # Parallel blocks drop post_attention_layernorm; q/k norms are one LayerNorm per head.
         norms = 1 if cfg["use_parallel_residual"] else 2
@@ -371,3 +421,19 @@ def _layout(cfg: Mapping[str, Any], t: str, q_dim: int, e: int, head_dim: int) -
         two = not parallel or n_ln == 2
         return Layout(b, b, b, 2, 2 if two else 1, has_mlp_norm=parallel and two)
     raise AssertionError(f"no layout for known family {t}")
+
+
+def _qk_norm_weights(t: str, q_dim: int, e: int, head_dim: int) -> int:
+    if t in ("qwen3", "qwen3_moe", "exaone4", "apertus"):
+        return 2 * head_dim  # one RMSNorm(head_dim) for q, one for k
+    if t == "olmoe":
+        return q_dim + e  # over the full width, as OLMo 2
+    return 0
+
+
+def _small_per_layer(cfg: Mapping[str, Any], t: str) -> int:
+    if t == "gpt_oss":
+        return _required(cfg, HEADS) + _int(cfg, ("num_local_experts",), 1)  # sinks, router bias
+    if t == "apertus":
+        return 2  # xIELU's alpha_p and alpha_n
+    return 0

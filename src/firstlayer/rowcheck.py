@@ -108,6 +108,7 @@ def layer0_reference(
     embedding = _embedding_of_rows(model, parts, rows)
     with torch.inference_mode():
         x = embedding(torch.arange(len(ids))).float().unsqueeze(1)  # (N, 1, D)
+        x = _steps_before_layer0(model, parts, x)
     layer = _float32_layer0(model, parts, layout)
     qkv = _caught_projections(layer, parts, layout, x)
     if not layout.is_parallel:
@@ -117,6 +118,16 @@ def layer0_reference(
         out = layer(x, **_layer_kwargs(layer, len(ids)))
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(len(ids), layout.hidden_size), qkv
+
+
+def _steps_before_layer0(model: nn.Module, parts: Parts, x: Tensor) -> Tensor:
+    """What the base model does to the embedding before layer 0 (Granite's multiplier, BLOOM's
+    word_embeddings_layernorm), in float32."""
+    if parts.embedding_multiplier is not None:
+        x = x * parts.embedding_multiplier
+    if parts.embedding_norm is not None:
+        x = copy.deepcopy(model.get_submodule(parts.embedding_norm)).float()(x)
+    return x
 
 
 def _relative(name: str, parts: Parts) -> str:
@@ -138,9 +149,7 @@ def _float32_layer0(model: nn.Module, parts: Parts, layout: Layout) -> nn.Module
     """A float32 copy of layer 0 whose token-local modules hold real weights; every other
     parameter is an empty meta tensor (the passes never run those modules)."""
     layer = model.get_submodule(parts.layer)
-    needed = [parts.attn_norm, *parts.projections, *parts.head_norms.values()]
-    if layout.is_parallel:
-        needed += [name for name in (parts.mlp_norm, parts.mlp) if name]
+    needed = parts.eliminated(layout.is_parallel)
     kept = {id(p) for name in needed for p in model.get_submodule(name).parameters()}
     memo = {
         id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
@@ -159,6 +168,7 @@ def _layer_kwargs(layer: nn.Module, batch: int) -> dict:
     offered = {
         "attention_mask": None,
         "alibi": None,
+        "position_bias": None,
         "position_ids": torch.zeros(batch, 1, dtype=torch.long),
         "position_embeddings": None,
         "layer_past": None,

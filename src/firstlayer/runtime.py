@@ -220,7 +220,8 @@ def patch(
     table = TableEmbedding(residual, qkv, embed_scale(model.get_submodule(parts.embedding)))
     model.set_submodule(parts.embedding, table)
     # The attention norm's work is in the rows, which replace its output on the way in.
-    model.set_submodule(parts.attn_norm, nn.Identity())
+    if parts.attn_norm is not None:
+        model.set_submodule(parts.attn_norm, nn.Identity())
     for column in layout.columns:
         start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
         model.set_submodule(column.module, Columns(start, stop))

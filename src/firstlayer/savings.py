@@ -244,7 +244,8 @@ def analyze(
     layer, expert, router = _layer_weights(m, exact)
     norm = m.layout.norm_vectors * m.d if exact else 0
     lm_bias = m.vocab_size if exact and m.layout.lm_head_bias else 0
-    embeddings = m.vocab_size * m.d * (1 if m.is_tied else 2) + lm_bias
+    embedding_norm = m.layout.embedding_norm_vectors * m.d if exact else 0
+    embeddings = m.vocab_size * m.d * (1 if m.is_tied else 2) + lm_bias + embedding_norm
     final_norm = norm
     row_width = m.d + m.q_dim + 2 * m.e
     eliminated_dense = _eliminated_attention(m, exact)
@@ -337,10 +338,13 @@ def _layer_weights(m: ModelDims, exact: bool) -> tuple[LayerWeights, int, int]:
     router = m.n_experts * d if exact and m.n_experts > 1 else 0
     lay = m.layout
     norms = lay.norms_per_layer * lay.norm_vectors * d + lay.qk_norm_weights if exact else 0
+    norms += lay.small_per_layer if exact else 0
+    # A shared expert (gate, up, down) every token reads, and its scalar gate.
+    shared = 3 * d * lay.shared_expert_hidden + (d if exact and lay.shared_expert_hidden else 0)
     layer = LayerWeights(
         q_p=d * q + q_bias + q * d + o_bias,
         k_v=2 * d * e + kv_bias,
-        ffn=m.n_experts * expert + router,
+        ffn=m.n_experts * expert + router + shared,
         norms=norms,
     )
     return layer, expert, router

@@ -209,10 +209,7 @@ def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) 
 def token_local_modules(model: nn.Module) -> list[str]:
     """Layer 0's modules the table is computed from (and so the only ones materialized)."""
     parts, parallel = parts_of(model)
-    names = [parts.attn_norm, *parts.projections, *parts.head_norms.values()]
-    if parallel:
-        names += [n for n in (parts.mlp_norm, parts.mlp) if n is not None]
-    return names
+    return list(parts.token_local(parallel))
 
 
 def materialize(

@@ -110,19 +110,24 @@ class TokenLocal(nn.Module):
             None if scale is None else scale_in(scale, embedding.weight.dtype).to(self.build_dtype)
         )
 
-        def copied(name: str | None) -> nn.Module | None:
+        def copied(name: str | None) -> nn.Module:
             if name is None:
-                return None
+                return nn.Identity()
             return copy.deepcopy(model.get_submodule(name)).to(self.build_dtype).eval()
 
+        self.embedding_multiplier = parts.embedding_multiplier
+        self.embedding_norm = copied(parts.embedding_norm)
         self.attn_norm = copied(parts.attn_norm)
         self.projections = nn.ModuleList(copied(name) for name in parts.projections)
         self.head_norms = nn.ModuleList(
-            copied(parts.head_norms.get(name)) or nn.Identity() for name in parts.projections
+            copied(parts.head_norms.get(name)) for name in parts.projections
         )
         self.has_head_norm = [name in parts.head_norms for name in parts.projections]
         self.is_parallel = layout.is_parallel
         if layout.is_parallel:
+            # The first columns are added to attention's output as they are: nothing may run on
+            # the embedding at run time but what ran on it here.
+            assert not parts.has_steps_before_layer0, "parallel blocks with steps before layer 0"
             self.mlp_norm = copied(parts.mlp_norm) if parts.mlp_norm else self.attn_norm
             self.mlp = copied(parts.mlp)
         self.layout = layout
@@ -142,15 +147,18 @@ class TokenLocal(nn.Module):
         x = self.embedding_weight[ids].to(self.build_dtype)  # (N, D)
         if self.scale is not None:
             x = x * self.scale
-        normed = self.attn_norm(x)
+        if self.embedding_multiplier is not None:
+            x = x * self.embedding_multiplier
+        normed = self.attn_norm(self.embedding_norm(x))
         blocks = []
         for projection, head_norm, has_norm in zip(
             self.projections, self.head_norms, self.has_head_norm, strict=True
         ):
             out = projection(normed)  # (N, width)
             if has_norm:
-                # per-head norm: (N, H*Dh) -> (N, H, Dh) -> (N, H*Dh)
-                head_dim = head_norm.weight.shape[-1]
+                # per-head norm: (N, H*Dh) -> (N, H, Dh) -> (N, H*Dh); a full-width one
+                # (OLMo 2) is one "head" of H*Dh. Its last gain dimension says which.
+                head_dim = next(head_norm.parameters()).shape[-1]
                 out = head_norm(out.unflatten(-1, (-1, head_dim))).flatten(-2)
             blocks.append(out)
         rows = torch.cat(blocks, dim=-1)

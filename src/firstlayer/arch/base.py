@@ -23,12 +23,16 @@ class Parts:
     """
 
     embedding: str  # input embedding; may scale its output (Gemma's embed_scale)
-    attn_norm: str  # norm in front of attention
+    attn_norm: str | None  # norm in front of attention; None where layers norm only after it
     projections: tuple[str, ...]  # q, k, v projections (or one fused qkv), in table column order
     head_norms: Mapping[str, str] = field(default_factory=dict)  # projection -> its per-head norm
     lm_head: str = "lm_head"
     mlp_norm: str | None = None  # parallel only, when the MLP has a norm of its own
     mlp: str | None = None  # parallel only: precomputed as r = x + mlp(mlp_norm(x))
+    # Token-local steps the base model takes between the embedding and layer 0; they stay at run
+    # time (so a tied LM head can still read the stored x) and the q/k/v columns include them.
+    embedding_multiplier: float | None = None  # Granite: x = E[t] * embedding_multiplier
+    embedding_norm: str | None = None  # BLOOM: x = word_embeddings_layernorm(E[t])
 
     @property
     def base_model(self) -> str:
@@ -37,20 +41,29 @@ class Parts:
 
     @property
     def layer(self) -> str:
-        """Layer 0 itself, the parent of its attention norm."""
-        return self.attn_norm.rpartition(".")[0]
+        """Layer 0 itself, the parent of its attention."""
+        return self.attention.rpartition(".")[0]
 
     @property
     def attention(self) -> str:
         """Layer 0's attention module, the parent of its projections."""
         return self.projections[0].rpartition(".")[0]
 
+    @property
+    def has_steps_before_layer0(self) -> bool:
+        return self.embedding_multiplier is not None or self.embedding_norm is not None
+
     def eliminated(self, is_parallel: bool) -> tuple[str, ...]:
         """Modules whose weights the table replaces (the embedding itself aside)."""
         names = [self.attn_norm, *self.projections, *self.head_norms.values()]
         if is_parallel:
-            names += [n for n in (self.mlp_norm, self.mlp) if n is not None]
-        return tuple(names)
+            names += [self.mlp_norm, self.mlp]
+        return tuple(n for n in names if n is not None)
+
+    def token_local(self, is_parallel: bool) -> tuple[str, ...]:
+        """Modules the table is computed from: the eliminated ones and the embedding's norm."""
+        before = (self.embedding_norm,) if self.embedding_norm else ()
+        return (*before, *self.eliminated(is_parallel))
 
 
 @dataclass(frozen=True)
