@@ -38,6 +38,18 @@ smollm2 = families.smollm2  # the real SmolLM2, dequantised once per session (a 
 WIDE = dict(hidden_size=128, num_attention_heads=4, initializer_range=0.3)
 
 
+def widened(family: Any) -> Any:
+    """A family's tiny test config at a head size vLLM's CPU attention takes (32)."""
+    extra = dict(family.extra)
+    if family.model_type == "gptj":
+        extra.update(n_embd=128, n_head=4, initializer_range=0.3)
+    else:
+        extra.update(WIDE)
+        if "head_dim" in family.extra:
+            extra["head_dim"] = 32
+    return Family(family.id, family.model_type, extra)
+
+
 @dataclass(frozen=True)
 class Run:
     """One engine configuration."""

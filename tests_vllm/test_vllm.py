@@ -15,49 +15,34 @@ from conftest import (
     Run,
     build_tiny,
     engine,
+    families,
     greedy,
     max_logprob_difference,
     original_and_converted,
     prompts,
+    widened,
 )
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.vllm.families import TRANSFORMERS_BACKEND, VLLM_FAMILIES
+from firstlayer.vllm.families import NOT_SERVED, TRANSFORMERS_BACKEND, VLLM_FAMILIES
+from firstlayer.vllm.models import served_families
 
 # float32 logprobs of the chosen tokens: eager runs agree to the bit in practice; compiled graphs
 # fuse differently around layer 0.
 LOGPROB_TOLERANCE = 1e-4
 
-CASES = (
-    Family("llama", "llama", dict(WIDE, tie_word_embeddings=True)),
-    Family("mistral", "mistral", dict(WIDE, sliding_window=8)),
-    Family("mixtral", "mixtral", dict(WIDE, num_local_experts=4, num_experts_per_tok=2)),
-    Family("qwen2", "qwen2", WIDE),  # q/k/v biases, untied LM head
-    Family("qwen3", "qwen3", dict(WIDE, head_dim=32)),  # per-head q/k norms
-    Family("gemma", "gemma", dict(WIDE, head_dim=32, num_key_value_heads=1)),  # sqrt(D), MQA
-    Family("gemma2", "gemma2", dict(WIDE, head_dim=32, sliding_window=4)),
-    Family("gemma3_text", "gemma3_text", dict(WIDE, head_dim=32, sliding_window=4)),
-    Family("phi3", "phi3", WIDE),  # fused qkv_proj in the checkpoint
-    Family("gptj", "gptj", dict(n_embd=128, n_head=4, initializer_range=0.3)),  # parallel
-    Family("falcon", "falcon", WIDE),  # parallel, multi-query, one all-reduce for attn + MLP
-    # vLLM runs these two through its Transformers backend:
-    Family("gpt_neox", "gpt_neox", WIDE),  # parallel, fused per-head qkv, partial rotary
-    Family("gpt_neox_serial", "gpt_neox", dict(WIDE, use_parallel_residual=False)),
-    Family("phi", "phi", dict(WIDE, qk_layernorm=True)),  # shared norm, per-head q/k norms
-    Family(
-        "falcon_new",
-        "falcon",
-        dict(WIDE, new_decoder_architecture=True, multi_query=False, num_kv_heads=2, bias=True),
-    ),
-)
+# Every test configuration of every family the plugin serves (tests/conftest.py), widened.
+CASES = tuple(widened(f) for f in families.FAMILIES if f.model_type in served_families())
 CASE = {case.id: case for case in CASES}
 
 
-def test_every_family_is_served_and_tested():
+def test_every_family_is_served_and_tested_or_refused_with_a_reason():
     from firstlayer.arch import SUPPORTED
 
     tested = {case.model_type for case in CASES}
-    assert tested == set(VLLM_FAMILIES) | set(TRANSFORMERS_BACKEND) == set(SUPPORTED)
+    assert tested == set(VLLM_FAMILIES) | set(TRANSFORMERS_BACKEND) == set(served_families())
+    assert set(SUPPORTED) == tested | set(NOT_SERVED)
+    assert not tested & set(NOT_SERVED)
 
 
 def test_plugin_is_an_entry_point_and_registers_every_family():
@@ -184,8 +169,8 @@ def test_a_truncated_file_is_refused(folders, workdir):
 def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
     from firstlayer.vllm.models import not_served_class
 
-    with pytest.raises(FirstLayerError, match="does not serve llama yet.*gpt_neox"):
-        not_served_class("llama")(vllm_config=None)
+    with pytest.raises(FirstLayerError, match="does not serve mpt .vLLM dropped MPT.*gpt_neox"):
+        not_served_class("mpt")(vllm_config=None)
 
 
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):

@@ -39,6 +39,10 @@ WITH_HEAD_NORMS = VllmFamily(**{**LLAMA_LIKE.__dict__, "head_norms": ("q_norm", 
 GEMMA = VllmFamily(**{**LLAMA_LIKE.__dict__, "scale": "model.normalizer"})
 GEMMA3 = VllmFamily(**{**GEMMA.__dict__, "head_norms": ("q_norm", "k_norm")})
 
+# Families whose layer 0 follows vLLM's Llama pattern under other names.
+GPT_OSS = VllmFamily(**{**LLAMA_LIKE.__dict__, "attention": "attn"})  # attention sinks stay
+APERTUS = VllmFamily(**{**WITH_HEAD_NORMS.__dict__, "norms": ("attention_layernorm",)})
+
 # Keyed by the family's transformers model type; vLLM names its classes as transformers does.
 VLLM_FAMILIES: dict[str, VllmFamily] = {
     "llama": LLAMA_LIKE,
@@ -50,6 +54,13 @@ VLLM_FAMILIES: dict[str, VllmFamily] = {
     "gemma2": GEMMA,
     "gemma3_text": GEMMA3,
     "phi3": LLAMA_LIKE,
+    "qwen2_moe": LLAMA_LIKE,
+    "qwen3_moe": WITH_HEAD_NORMS,
+    "olmoe": WITH_HEAD_NORMS,  # its q/k norms span all heads
+    "gpt_oss": GPT_OSS,
+    "nemotron": LLAMA_LIKE,
+    "glm4": LLAMA_LIKE,  # sandwich norms after attention and MLP stay
+    "apertus": APERTUS,
     "gptj": VllmFamily(
         layer="transformer.h.0",
         attention="attn",
@@ -68,6 +79,26 @@ VLLM_FAMILIES: dict[str, VllmFamily] = {
     ),
 }
 
-# Families vLLM has no class of its own for but runs through its Transformers backend (which builds
-# the transformers model with vLLM's linears and attention); the plugin patches that model.
-TRANSFORMERS_BACKEND = ("gpt_neox", "phi")
+# Served through vLLM's Transformers backend (which builds the transformers model with vLLM's
+# linears and attention; the plugin patches that model): families vLLM 0.32 has no class of its
+# own for, and those whose own class's layer 0 the plugin does not patch yet.
+# fmt: off
+TRANSFORMERS_BACKEND = (
+    "gpt_neox", "phi", "olmo", "olmo2", "olmo3", "starcoder2", "glm", "smollm3", "arcee",
+    "seed_oss", "cohere", "granite", "granitemoe", "exaone4",
+)
+# fmt: on
+
+# Families firstlayer converts that the plugin does not serve, and why (measured on vLLM 0.32).
+NOT_SERVED = {
+    "cohere2": "greedy tokens differ from vLLM's own Cohere2 class running the original",
+    "ernie4_5": "greedy tokens differ from vLLM's own Ernie 4.5 class running the original, "
+    "and its Transformers backend does not build it",
+    "stablelm": "vLLM's StableLM has no per-head q/k LayerNorms (qk_layernorm configs fail "
+    "in vLLM itself); not tested without them",
+    "bloom": "vLLM's BLOOM layer 0 is not patched yet, and its Transformers backend refuses "
+    "BLOOM (no position_ids)",
+    "helium": "vLLM 0.32 has no Helium model",
+    "phimoe": "vLLM 0.32 has no PhiMoE model",
+    "mpt": "vLLM dropped MPT after 0.28",
+}

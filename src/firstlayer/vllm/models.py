@@ -31,7 +31,12 @@ from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.table import Column, Layout
-from firstlayer.vllm.families import TRANSFORMERS_BACKEND, VLLM_FAMILIES, VllmFamily
+from firstlayer.vllm.families import (
+    NOT_SERVED,
+    TRANSFORMERS_BACKEND,
+    VLLM_FAMILIES,
+    VllmFamily,
+)
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
 
@@ -162,6 +167,16 @@ def first_layer_class(kind: str, base: type) -> type:
     return type(f"FirstLayer{base.__name__}", (FIRST_LAYERS[kind], base), {})
 
 
+def vllm_name(model: nn.Module, name: str) -> str:
+    """A transformers module name in vLLM's tree, by the family's own checkpoint mapper
+    (GPT-OSS keeps its embedding as `model.embedding`)."""
+    mapper = getattr(type(model), "hf_to_vllm_mapper", None)
+    if mapper is None:
+        return name
+    mapped = mapper._map_name(f"{name}.weight")
+    return name if mapped is None else mapped.removesuffix(".weight")
+
+
 def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size: int) -> None:
     """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table."""
     from vllm.model_executor.layers.linear import QKVParallelLinear
@@ -198,7 +213,7 @@ def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size
         holder = model.get_submodule(owner)
         scale = getattr(holder, buffer).clone()
         getattr(holder, buffer).fill_(1)  # the family multiplies [x | rows]; TableRows scales x
-    embedding_name = record["table"]["module"]
+    embedding_name = vllm_name(model, record["table"]["module"])
     embedding = model.get_submodule(embedding_name)
     model.set_submodule(embedding_name, TableRows(embedding, source, family.qkv, scale))
 
@@ -241,13 +256,14 @@ class PrecomputedForCausalLM:
         embedding = record["table"]["module"]
         layout = Layout.from_dict(record["table"])
 
+        table = vllm_name(self, embedding)  # the name in vLLM's tree, which mappers keep
         arrived = set()
 
         def renamed() -> Iterable[tuple[str, Tensor]]:
             for name, tensor in weights:
                 arrived.add(name)
                 if name == f"{embedding}.residual":
-                    yield f"{embedding}.residual.weight", tensor
+                    yield f"{table}.residual.weight", tensor
                 elif name == f"{embedding}.qkv":
                     for column in layout.columns:
                         start = column.start - layout.hidden_size
@@ -255,14 +271,14 @@ class PrecomputedForCausalLM:
                         projection = column.module.rpartition(".")[2]
                         # The columns as a projection's weight: (outputs, inputs = vocabulary).
                         weight = tensor[:, start:stop].t().contiguous()
-                        yield f"{embedding}.{SOURCE}.{projection}.weight", weight
+                        yield f"{table}.{SOURCE}.{projection}.weight", weight
                 else:
                     yield name, tensor
 
         loaded = set(super().load_weights(renamed()))
         refuse_missing(self, self.hf_config, arrived, loaded)
-        self.get_submodule(embedding).take_loaded_columns()
-        return {n for n in loaded if f".{SOURCE}." not in n} | {f"{embedding}.qkv"}
+        self.get_submodule(table).take_loaded_columns()
+        return {n for n in loaded if f".{SOURCE}." not in n} | {f"{table}.qkv"}
 
 
 def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
@@ -429,6 +445,14 @@ def expected_tensors(config: Any) -> set[str]:
     return set(as_saved(model, kept))  # under the names a checkpoint holds (Mixtral's experts)
 
 
+def is_moe(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    defaults = CONFIG_MAPPING[model_type]()
+    keys = ("num_local_experts", "num_experts", "n_routed_experts")
+    return any(getattr(defaults, key, None) for key in keys)
+
+
 def architecture(model_type: str) -> str:
     """The `architectures` entry of a converted folder of this family (as the transformers side
     writes it): FirstLayer + the family's transformers class, which is also vLLM's name for it."""
@@ -443,7 +467,12 @@ def model_class(model_type: str) -> type:
     from vllm.model_executor.models.registry import ModelRegistry
 
     name = architecture(model_type).removeprefix("FirstLayer")
-    base = ModelRegistry._try_load_model_cls(name)
+    # A family served through the Transformers backend goes there even where vLLM has a class of
+    # its own whose layer 0 the plugin does not patch (Cohere, StableLM, ...).
+    backend = "TransformersMoEForCausalLM" if is_moe(model_type) else "TransformersForCausalLM"
+    base = ModelRegistry._try_load_model_cls(
+        backend if model_type in TRANSFORMERS_BACKEND else name
+    )
     if base is None:
         raise FirstLayerError(f"this vLLM has no model class {name} for {model_type}")
     attributes = {
@@ -468,9 +497,10 @@ class NotServed(nn.Module):
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         served = ", ".join(served_families())
+        reason = NOT_SERVED.get(self.model_type, "not yet")
         raise FirstLayerError(
-            f"firstlayer's vLLM plugin does not serve {self.model_type} yet (it serves {served}):"
-            " run this folder with transformers (`import firstlayer`, then "
+            f"firstlayer's vLLM plugin does not serve {self.model_type} ({reason}); it serves "
+            f"{served}. Run this folder with transformers (`import firstlayer`, then "
             "AutoModelForCausalLM.from_pretrained)"
         )
 
