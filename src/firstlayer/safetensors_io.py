@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -308,3 +309,42 @@ def read_header(path: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...
             raise FirstLayerError(f"{path}: {name} has dtype {info['dtype']}, not supported")
         entries[name] = (path, DTYPES_BY_NAME[info["dtype"]], tuple(info["shape"]), base + start)
     return entries
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A file tensors are memory-mapped from, as it was when mapped: reading a page past a
+    truncated end kills the process (SIGBUS) and a file rewritten in place reads as other
+    numbers, so every model call first compares the file with this (one stat, ~2 us)."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> MappedFile:
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+    def check(self) -> None:
+        try:
+            now = MappedFile.of(self.path)
+        except FileNotFoundError:
+            now = None
+        if now != self:
+            what = "was removed" if now is None else "was truncated or replaced"
+            raise FirstLayerError(
+                f"{self.path} {what} after the model was loaded, and its table is read from that "
+                "file (memory-mapped): load the model again (`firstlayer check` the folder first)"
+            )
+
+
+def map_tensor(path: Path, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> Tensor:
+    """A tensor stored at `offset` of a file, memory-mapped: pages become resident only when
+    read. The file is opened read-only and mapped copy-on-write, so nothing can write to it (a
+    write in this process would go to a private copy of the page)."""
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    count = math.prod(shape)
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset).view(shape)

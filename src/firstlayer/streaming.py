@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from firstlayer.arch import adapter_for
 from firstlayer.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
-    DTYPES,
     Weights,
     convert_weights,
     fingerprint,
@@ -43,7 +42,7 @@ from firstlayer.rowcheck import (
 )
 from firstlayer.runtime import family_config, parts_of
 from firstlayer.safetensors_io import SafetensorsFolder
-from firstlayer.table import Layout
+from firstlayer.table import TABLE_DTYPES, Layout
 
 # Bytes of a tensor copied (or hashed) per block of rows: enough to stream at disk speed, small
 # beside any model worth converting out of core.
@@ -251,8 +250,8 @@ def check_folder_rows(source: str | Path, out: str | Path, count: int = SAMPLE_R
     vocab_size = embedding.shape[0]
     ids = sample_ids(vocab_size, special_token_ids(model.config, None), count)
     expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)
-    stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids)
-    table_dtype = DTYPES[record["table"]["dtype"]]
+    stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids, layout)
+    table_dtype = TABLE_DTYPES[record["table"]["dtype"]]
     return compare_rows(stored, expected, ids, layout, tolerance_for(table_dtype, model_dtype))
 
 
