@@ -157,6 +157,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 SOURCE_HELP = "a model folder (safetensors), a .gguf file, or `default` (SmolLM2-135M-Instruct)"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+TABLE_DTYPE_CHOICES = (*DTYPE_CHOICES, "int8")
 
 
 def add_convert(commands: argparse._SubParsersAction) -> None:
@@ -167,6 +168,17 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "--dtype",
         help=f"stored dtype: {', '.join(DTYPE_CHOICES)} "
         "(default: the source's; the table is computed in float32 regardless)",
+    )
+    parser.add_argument(
+        "--table-dtype",
+        choices=TABLE_DTYPE_CHOICES,
+        help="the table's stored dtype, independent of --dtype (default: --dtype); int8 keeps "
+        "a scale per row and projection; a serial model's x columns keep --dtype",
+    )
+    parser.add_argument(
+        "--accept-error",
+        action="store_true",
+        help="publish a table whose self-check error exceeds its dtype's bound",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument(
@@ -192,6 +204,8 @@ def run_convert(args: argparse.Namespace) -> int:
             update,
             args.max_shard_size,
             on_check=checks.append,
+            table_dtype=args.table_dtype,
+            accept_error=args.accept_error,
         )
     print(f"wrote {out} ({how}): {describe_folder(out)}")
     print(f"self-check: {checks[0].describe()}")

@@ -92,6 +92,8 @@ def convert_folder(
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     on_check: Callable[[RowCheck], None] | None = None,
+    table_dtype: torch.dtype | str | None = None,
+    accept_error: bool = False,
 ) -> Path:
     """`checkpoint.convert` for a safetensors folder (sharded or not) that is never loaded.
 
@@ -133,7 +135,17 @@ def convert_folder(
 
     weights = Weights(embedding, blocks, source_fingerprint)
     return convert_weights(
-        model, weights, out, tokenizer, dtype, force, progress, max_shard_size, on_check
+        model,
+        weights,
+        out,
+        tokenizer,
+        dtype,
+        force,
+        progress,
+        max_shard_size,
+        on_check,
+        table_dtype=table_dtype,
+        accept_error=accept_error,
     )
 
 
@@ -263,6 +275,8 @@ def convert_source(
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     on_check: Callable[[RowCheck], None] | None = None,
+    table_dtype: torch.dtype | str | None = None,
+    accept_error: bool = False,
 ) -> tuple[Path, str]:
     """Convert SOURCE as `firstlayer convert` does: a safetensors folder out of core, anything
     else (a GGUF file, which must be dequantized; a checkpoint whose weights transformers
@@ -283,13 +297,31 @@ def convert_source(
         check_safetensors_shapes(path, source.config)
         try:
             written = convert_folder(
-                path, out, load_tokenizer(path), dtype, force, progress, max_shard_size, on_check
+                path,
+                out,
+                load_tokenizer(path),
+                dtype,
+                force,
+                progress,
+                max_shard_size,
+                on_check,
+                table_dtype=table_dtype,
+                accept_error=accept_error,
             )
             return written, "out of core"
         except NeedsLoading:
             pass  # Mixtral's experts: transformers fuses them on loading
     loaded = load_source(spec, to_convert=True)
     written = convert(
-        loaded.model, out, loaded.tokenizer, dtype, force, progress, max_shard_size, on_check
+        loaded.model,
+        out,
+        loaded.tokenizer,
+        dtype,
+        force,
+        progress,
+        max_shard_size,
+        on_check,
+        table_dtype=table_dtype,
+        accept_error=accept_error,
     )
     return written, "loaded in memory"
