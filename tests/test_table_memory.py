@@ -178,3 +178,45 @@ def test_precompute_keeps_a_serial_tied_lm_head_in_the_models_dtype():
     assert model.get_output_embeddings().weight is table.residual
     batch = left_padded_batch(model.config.vocab_size)
     assert model(**batch).logits.dtype == torch.float32
+
+
+def test_placement_by_table_dtype_is_the_hand_arithmetic():
+    """SmolLM2: 49,152 rows of q/k/v 576 + 2 x 192 columns; layer 0 loses 553,536 weights."""
+    from firstlayer.placement import placements
+    from firstlayer.savings import analyze
+
+    by_dtype = {p.table_dtype: p for p in placements(analyze("default", accounting="exact"))}
+    eliminated = 553_536 * 2  # bfloat16 bytes
+    assert by_dtype["float32"].table_bytes == 49_152 * 960 * 4
+    assert by_dtype["int8"].table_bytes == 49_152 * (960 + 3 * 4)
+    for p in by_dtype.values():
+        assert p.on_device == (p.table_bytes - eliminated, 0)
+        assert p.on_host == (-eliminated, p.table_bytes)
+
+
+def test_analyze_prints_memory_by_table_dtype_for_accelerator_and_host(capsys):
+    from firstlayer.cli import main
+
+    assert main(["analyze", "default", "--accounting", "exact"]) == 0
+    out = capsys.readouterr().out
+    assert "Memory change by table dtype" in out
+    assert "int8 table: accelerator (table on it)" in out
+    assert main(["analyze", "pythia-6.9b", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]["table_memory"]
+    assert [p["table_dtype"] for p in record] == ["float32", "bfloat16", "float16", "int8"]
+
+
+def test_bench_tables_times_mapped_and_int8_against_the_in_memory_table(tmp_path, capsys):
+    """No time is asserted: every variant runs after a warm-up, ratios come per round."""
+    from firstlayer.bench import TABLE_VARIANTS, bench_tables
+    from firstlayer.report import format_table_bench
+
+    result = bench_tables(build_tiny(SERIAL), tmp_path, batches=(1, 2), new_tokens=3, repeats=3)
+    assert [r.batch for r in result.results] == [1, 2]
+    for r in result.results:
+        assert list(r.decode_ms) == list(TABLE_VARIANTS)
+        assert list(r.ratio) == list(TABLE_VARIANTS[1:])
+        assert all(s.low <= s.median <= s.high for s in r.ratio.values())
+    assert result.table_bytes["mapped int8"] < result.table_bytes["mapped float32"]
+    text = format_table_bench(result)
+    assert "mapped int8" in text and "3 rounds" in text

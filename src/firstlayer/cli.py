@@ -137,7 +137,7 @@ def add_analyze(commands: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     import json
 
-    from firstlayer import savings  # torch-free: analyze answers without loading torch
+    from firstlayer import placement, savings  # torch-free: analyze answers without torch
 
     batches = args.batch or savings.DEFAULT_BATCHES
     report = savings.analyze_specs(args.sources, args.accounting, batches)
@@ -147,9 +147,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         plot_analysis(report.models, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
     if args.json:
-        print(json.dumps([a.as_json() for a in report.models], indent=2))
+        models = [{**a.as_json(), "table_memory": placement.as_json(a)} for a in report.models]
+        print(json.dumps(models, indent=2))
     else:
         print(savings.format_report(report))
+        print("\n" + placement.format_placements(report.models))
     return 0
 
 
@@ -413,6 +415,12 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         default="auto",
         help="torch.compile both models (auto: on for CUDA, off on CPU)",
     )
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="instead: decode with the table memory-mapped (float32, int8) against an "
+        "in-memory float32 table",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw speed-up and ceiling by batch")
     parser.set_defaults(run=run_bench)
@@ -430,6 +438,8 @@ def run_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype_arg(args.dtype) or torch.float32
     loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
+    if args.tables:
+        return run_bench_tables(args, loaded)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     with progress_bar("bench") as update:
         result = bench(
@@ -448,6 +458,28 @@ def run_bench(args: argparse.Namespace) -> int:
         plot_bench(result, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def run_bench_tables(args: argparse.Namespace, loaded: Any) -> int:
+    import json
+    import tempfile
+
+    from firstlayer.bench import bench_tables
+    from firstlayer.report import format_table_bench
+
+    with tempfile.TemporaryDirectory() as folder, progress_bar("bench --tables") as update:
+        result = bench_tables(
+            loaded.model,
+            folder,
+            name=loaded.source.name,
+            batches=args.batch,
+            new_tokens=args.new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            progress=lambda label, done, total: update(done, total, label),
+        )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table_bench(result))
     return 0
 
 

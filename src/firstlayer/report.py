@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firstlayer.bench import BenchResult
+from firstlayer.bench import TABLE_VARIANTS, BenchResult, TableBenchResult
 from firstlayer.verify import (
     FLOAT32_LOGIT_TOLERANCE,
     REDUCED_PRECISION_LOGIT_FACTOR,
@@ -138,3 +138,34 @@ def _spread(spread) -> str:
 
 def _share(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.0f}%"
+
+
+def format_table_bench(result: TableBenchResult) -> str:
+    """Per batch: each table variant's decode step, and its ratio to the in-memory table."""
+    reference = TABLE_VARIANTS[0]
+    lines = [
+        f"{result.model} on {result.device} ({result.threads} threads), float32 model, eager; "
+        f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new tokens; "
+        f"{result.repeats} rounds of every variant after a warm-up; medians [min-max]",
+        "table bytes: "
+        + ", ".join(f"{v} {n / 2**20:,.1f} MiB" for v, n in result.table_bytes.items()),
+        f"{'batch':>5}  {'table':<18} {'decode ms/step':>24}  {'ratio to ' + reference:>32}",
+    ]
+    for r in result.results:
+        for variant, ms in r.decode_ms.items():
+            ratio = r.ratio.get(variant)
+            shown = (
+                "(reference)"
+                if ratio is None
+                else f"{ratio.median:.3f}x [{ratio.low:.3f}-{ratio.high:.3f}]"
+                + (" slower" if ratio.low > 1 else "")
+            )
+            lines.append(
+                f"{r.batch:>5}  {variant:<18} {ms.median:9.2f} [{ms.low:.2f}-{ms.high:.2f}]"
+                f"  {shown:>32}"
+            )
+    lines.append(
+        "a ratio is a variant's run over the reference's run of the same round; `slower` marks "
+        "one whose every ratio is above 1"
+    )
+    return "\n".join(lines)
