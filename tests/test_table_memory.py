@@ -220,3 +220,26 @@ def test_bench_tables_times_mapped_and_int8_against_the_in_memory_table(tmp_path
     assert result.table_bytes["mapped int8"] < result.table_bytes["mapped float32"]
     text = format_table_bench(result)
     assert "mapped int8" in text and "3 rounds" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("table_dtype", ["float32", "int8"])
+def test_on_cuda_the_table_can_stay_in_host_memory(table_dtype, tmp_path):
+    """Mapped or pinned: the blocks stay on the host, each call copies its rows over; the
+    logits are the CPU model's. `device` puts the table where every weight goes."""
+    original = build_tiny(PARALLEL)
+    out = convert(clone(original), tmp_path / "out", table_dtype=table_dtype)
+    batch = left_padded_batch(original.config.vocab_size)
+    expected = load(out)(**batch).logits
+    on_cuda = {k: v.cuda() for k, v in batch.items()}
+    for memory in ("mapped", "pinned"):
+        model = load(out, device="cuda", table_memory=memory)
+        table = model.get_input_embeddings()
+        assert table.qkv.device.type == "cpu" and table.residual.device.type == "cpu"
+        assert table.qkv.is_pinned() == (memory == "pinned")
+        assert (model(**on_cuda).logits.cpu() - expected).abs().max() < 1e-4
+        model.generate(**on_cuda, max_new_tokens=4, pad_token_id=0)
+    model = load(out, device="cuda", table_memory="device")
+    assert model.get_input_embeddings().qkv.device.type == "cuda"
+    assert (model(**on_cuda).logits.cpu() - expected).abs().max() < 1e-4
