@@ -166,7 +166,7 @@ class DecodeLoop:
         from transformers import StaticCache
 
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = model.get_output_embeddings().weight.device  # a host-kept table is not
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.peak_bytes = 0  # CUDA only: the most allocated during any of this loop's runs
         # transformers 5.24 calls the cache argument `cache`; 5.19 calls it `past_key_values`

@@ -140,7 +140,16 @@ class TableEmbedding(nn.Module):
         # and device, and leave host-kept blocks where they are.
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
         self.dtype, self.device = probe.dtype, probe.device
-        return self if self.keep_on_host else super()._apply(fn, recurse)
+        if self.keep_on_host:
+            return self
+        # int8 scales stay float32 whatever the model's dtype: they only move.
+        scales = {n: p for n, p in self._parameters.items() if n.endswith(SCALE_SUFFIX)}
+        self._parameters.update(dict.fromkeys(scales))
+        super()._apply(fn, recurse)
+        for name, p in scales.items():
+            moved = None if p is None else nn.Parameter(p.to(self.device), requires_grad=False)
+            self._parameters[name] = moved
+        return self
 
     def table(self) -> Tensor:
         """The whole table, [residual | q | k | v] in the model's dtype (a copy, to inspect)."""

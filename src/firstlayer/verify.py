@@ -78,7 +78,8 @@ class VerifyReport:
 
 def weights_count(model: nn.Module) -> int:
     """Weights the model holds, each once: a tied LM head (the table's x block) counts once."""
-    return sum(p.numel() for p in model.parameters())  # tied parameters appear once
+    # Tied parameters appear once; an int8 table's scales are not weights.
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_scale"))
 
 
 def prompt_batch(tokenizer: Any | None, prompts: tuple[str, ...], vocab_size: int) -> dict:
@@ -116,7 +117,7 @@ def verify(
 ) -> VerifyReport:
     """Compare a precomputed model with its float32 original on the same left-padded batch."""
     batch = prompt_batch(tokenizer, prompts, original.config.vocab_size)
-    device = next(precomputed.parameters()).device
+    device = precomputed.get_output_embeddings().weight.device  # a host-kept table is not
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["attention_mask"]
     reference = original(**batch).logits
