@@ -122,10 +122,12 @@ def resident_bytes(folder, dtype: str) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_large_table_costs_disk_not_resident_memory(dtype, tmp_path):
-    """A 64k-token vocabulary with q/k/v 12x wider than the embedding: the table is 200 MB on
-    disk, and a loaded model (in the table's dtype or another) holds about the original's."""
+@pytest.mark.parametrize(
+    "table_dtype, dtype", [("float32", "float32"), ("bfloat16", "float32"), ("int8", "bfloat16")]
+)
+def test_large_table_costs_disk_not_resident_memory(table_dtype, dtype, tmp_path):
+    """A 64k-token vocabulary with q/k/v 12x wider than the embedding: the table is up to 200 MB
+    on disk, and a loaded model (in the table's dtype or another) holds about the original's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -142,8 +144,8 @@ def test_large_table_costs_disk_not_resident_memory(dtype, tmp_path):
     torch.manual_seed(0)
     original = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     original.save_pretrained(tmp_path / "original")
-    out = convert(original, tmp_path / "out")
-    table_bytes = 65_536 * 3 * 256 * 4  # the qkv block
+    out = convert(original, tmp_path / "out", table_dtype=table_dtype)
+    table_bytes = 65_536 * 3 * 256 * TABLE_DTYPES[table_dtype].itemsize  # the qkv block
     assert (out / WEIGHTS_FILE).stat().st_size > table_bytes
     before, after = resident_bytes(tmp_path / "original", dtype), resident_bytes(out, dtype)
     assert after - before < table_bytes / 8, (before, after)

@@ -26,7 +26,7 @@ from torch import nn
 from firstlayer import runtime
 from firstlayer.errors import FirstLayerError
 from firstlayer.runtime import TableEmbedding, family_config, parts_of, patch
-from firstlayer.table import BLOCKS, Layout, segments, table_layout
+from firstlayer.table import BLOCKS, TABLE_DTYPES, Layout, segments, table_layout
 
 PRECOMPUTED_PREFIX = "firstlayer_"
 
@@ -121,10 +121,12 @@ def install_empty_table(model: nn.Module) -> None:
     widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
     blocks, scales = {}, {}
     for block in BLOCKS:
-        # int8 blocks are int8 to the loader too; float blocks are loaded in the model's dtype
-        # (and then mapped from the file in their own, `checkpoint.map_table`).
+        # Every block but a serial model's residual (its embedding and tied LM head) in its
+        # stored dtype: the loader then casts nothing, so it reads none of the table's pages
+        # (`checkpoint.map_table` maps them after loading).
         is_int8 = stored[block] == "int8"
-        dtype = torch.int8 if is_int8 else weight.dtype
+        keeps_model_dtype = block == "residual" and not layout.is_parallel
+        dtype = weight.dtype if keeps_model_dtype else TABLE_DTYPES[stored[block]]
         blocks[block] = torch.zeros(
             weight.shape[0], widths[block], dtype=dtype, device=weight.device
         )
