@@ -245,3 +245,14 @@ def test_on_cuda_the_table_can_stay_in_host_memory(table_dtype, tmp_path):
     model = load(out, device="cuda", table_memory="device")
     assert model.get_input_embeddings().qkv.device.type == "cuda"
     assert (model(**on_cuda).logits.cpu() - expected).abs().max() < 1e-4
+
+
+def test_table_memory_is_one_of_the_named_placements(tmp_path):
+    out = convert(build_tiny(SERIAL), tmp_path / "out")
+    with pytest.raises(FirstLayerError, match="is not one of mapped, pinned, device"):
+        load(out, table_memory="disk")
+    if not torch.cuda.is_available():
+        with pytest.raises(FirstLayerError, match="needs a CUDA device"):
+            load(out, table_memory="pinned")
+    table = load(out, table_memory="device").get_input_embeddings()
+    assert not table.keep_on_host and not table.files

@@ -502,6 +502,8 @@ def map_table(model: nn.Module, folder: Path, memory: str = "mapped") -> None:
         raise FirstLayerError(f"table_memory={memory!r} is not one of {', '.join(TABLE_MEMORY)}")
     if memory == "device":
         return
+    if memory == "pinned" and not torch.cuda.is_available():
+        raise FirstLayerError("table_memory='pinned' needs a CUDA device: use 'mapped' here")
     record = model.config.firstlayer
     table = model.get_input_embeddings()
     entries: dict[str, tuple] = {}
