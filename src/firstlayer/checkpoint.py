@@ -524,7 +524,7 @@ def map_table(model: nn.Module, folder: Path, memory: str = "mapped") -> None:
             mapped = mapped.pin_memory()
         setattr(table, name, nn.Parameter(mapped, requires_grad=False))
         files.add(path)
-    table.files = tuple(MappedFile.of(path) for path in sorted(files)) if memory == "mapped" else ()
+    table.files = tuple(MappedFile(path) for path in sorted(files)) if memory == "mapped" else ()
     table.keep_on_host = True
 
 
