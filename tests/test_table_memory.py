@@ -89,7 +89,8 @@ def test_loaded_table_is_mapped_in_its_stored_dtype_whatever_the_model_runs_in(t
         load(out).to(torch.bfloat16),
     ):
         table = model.get_input_embeddings()
-        assert table.keep_on_host and table.files
+        assert table.host_blocks == {"qkv", "qkv_scale", "residual", "residual_scale"}
+        assert table.files
         for name in ("qkv", "qkv_scale", "residual", "residual_scale"):
             block = getattr(table, name)
             assert block.dtype == (torch.float32 if "scale" in name else torch.int8), name
@@ -261,4 +262,4 @@ def test_table_memory_is_one_of_the_named_placements(tmp_path):
         with pytest.raises(FirstLayerError, match="needs a CUDA device"):
             load(out, table_memory="pinned")
     table = load(out, table_memory="device").get_input_embeddings()
-    assert not table.keep_on_host and not table.files
+    assert not table.host_blocks and not table.files

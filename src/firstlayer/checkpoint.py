@@ -512,7 +512,7 @@ def map_table(model: nn.Module, folder: Path, memory: str = "mapped") -> None:
             entries.update(read_header(folder / name))
     blocks = ("residual", "qkv") if record["architecture"] == "parallel" else ("qkv",)
     names = [block + suffix for block in blocks for suffix in ("", SCALE_SUFFIX)]
-    files = set()
+    files, mapped_names = set(), set()
     table.dtype = model.get_output_embeddings().weight.dtype
     for name in names:
         key = f"{record['table']['module']}.{name}"
@@ -524,8 +524,9 @@ def map_table(model: nn.Module, folder: Path, memory: str = "mapped") -> None:
             mapped = mapped.pin_memory()
         setattr(table, name, nn.Parameter(mapped, requires_grad=False))
         files.add(path)
+        mapped_names.add(name)
     table.files = tuple(MappedFile(path) for path in sorted(files)) if memory == "mapped" else ()
-    table.keep_on_host = True
+    table.host_blocks = frozenset(mapped_names)
 
 
 def load(

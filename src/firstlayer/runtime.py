@@ -58,9 +58,9 @@ class TableEmbedding(nn.Module):
     """Replaces the input embedding: looks up table rows, returns their first D columns.
 
     The blocks may be stored in another dtype than the model runs in (float16, bfloat16, or int8
-    with per-row scales) and, once `keep_on_host` is set (a loaded model's memory-mapped blocks),
-    stay where they are when the model moves or changes dtype: each call converts only the rows
-    it looks up and copies them to the model's device.
+    with per-row scales), and the blocks named in `host_blocks` (a loaded model's memory-mapped
+    ones) stay where they are when the model moves or changes dtype: each call converts only
+    the rows it looks up and copies them to the model's device.
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class TableEmbedding(nn.Module):
         # Where rows go and in what dtype: the model's, followed through .to() (see _apply).
         self.dtype = dtype or (residual.dtype if residual.is_floating_point() else torch.float32)
         self.device = residual.device
-        self.keep_on_host = False
+        self.host_blocks: frozenset[str] = frozenset()
         self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
 
     @property
@@ -137,18 +137,20 @@ class TableEmbedding(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True) -> TableEmbedding:
         # .to(), .half(), .cuda() reach every module through _apply: follow the model's dtype
-        # and device, and leave host-kept blocks where they are.
+        # and device; host-kept blocks stay where they are, int8 scales stay float32 and move.
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
         self.dtype, self.device = probe.dtype, probe.device
-        if self.keep_on_host:
-            return self
-        # int8 scales stay float32 whatever the model's dtype: they only move.
-        scales = {n: p for n, p in self._parameters.items() if n.endswith(SCALE_SUFFIX)}
-        self._parameters.update(dict.fromkeys(scales))
+        held = {
+            name: p
+            for name, p in self._parameters.items()
+            if p is not None and (name in self.host_blocks or name.endswith(SCALE_SUFFIX))
+        }
+        self._parameters.update(dict.fromkeys(held))
         super()._apply(fn, recurse)
-        for name, p in scales.items():
-            moved = None if p is None else nn.Parameter(p.to(self.device), requires_grad=False)
-            self._parameters[name] = moved
+        for name, p in held.items():
+            if name not in self.host_blocks:
+                p = nn.Parameter(p.to(self.device), requires_grad=False)
+            self._parameters[name] = p
         return self
 
     def table(self) -> Tensor:
