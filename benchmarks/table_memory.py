@@ -84,7 +84,7 @@ def table_bytes(folder: Path) -> int:
     return total
 
 
-def measure(name: str, source: str, tmp: Path) -> list[dict]:
+def measure(name: str, source: str, tmp: Path, table_dtypes: tuple[str, ...]) -> list[dict]:
     import torch
 
     from firstlayer.checkpoint import load
@@ -95,7 +95,7 @@ def measure(name: str, source: str, tmp: Path) -> list[dict]:
     original = load_source(source, dtype=torch.float32)
     original_rss = resident_mib(source, precomputed=False)
     rows = []
-    for table_dtype in TABLE_DTYPES:
+    for table_dtype in table_dtypes:
         out = tmp / f"{name}-{table_dtype}"
         convert_source(source, out, torch.float32, table_dtype=table_dtype)
         report = verify(original.model, load(out), original.tokenizer, max_new_tokens=8)
@@ -147,17 +147,18 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3-262k"])
+    parser.add_argument("--table-dtypes", nargs="+", default=list(TABLE_DTYPES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models:
             if name == "smollm2":
-                rows += measure(name, "default", tmp)
+                rows += measure(name, "default", tmp, tuple(args.table_dtypes))
             else:
                 gemma3_270m_shaped(tmp / "gemma3-source")
-                rows += measure(name, str(tmp / "gemma3-source"), tmp)
+                rows += measure(name, str(tmp / "gemma3-source"), tmp, tuple(args.table_dtypes))
             for folder in tmp.glob(f"{name}-*"):
                 shutil.rmtree(folder)
     print(json.dumps(rows, indent=2) if args.json else markdown(rows))
