@@ -106,3 +106,21 @@ def test_demo_converts_verifies_and_answers_side_by_side(smollm2, monkeypatch, t
     text = capsys.readouterr().out
     assert "PASS" in text and "the two answers are identical" in text
     assert text.count("Paris") >= 2
+
+
+def test_convert_int8_table_out_of_core_then_verify_reports_its_error(
+    tiny_folder, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_folder), str(out), "--table-dtype", "int8"]) == 0
+    assert "in int8" in capsys.readouterr().out
+    assert main(["verify", str(tiny_folder), str(out)]) == 0
+    text = capsys.readouterr().out
+    for words in (
+        "model / table dtype  float32 / int8",
+        "table (int8) max",
+        "original in bfloat16",
+    ):
+        assert words in text, words
+    assert main(["verify", str(tiny_folder), str(out), "--rows", "64"]) == 0
+    assert main(["check", str(out)]) == 0

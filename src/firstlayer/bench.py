@@ -206,7 +206,7 @@ class DecodeLoop:
         from transformers import StaticCache
 
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = model.get_output_embeddings().weight.device  # a host-kept table is not
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.peak_bytes = 0  # CUDA only: the most allocated during any of this loop's runs
         # transformers 5.24 calls the cache argument `cache`; 5.19 calls it `past_key_values`
@@ -403,3 +403,107 @@ def bench(
         memory_bytes=memory,
         results=tuple(results),
     )
+
+
+# Table storage compared by `bench_tables`: the reference first.
+TABLE_VARIANTS = ("in-memory float32", "mapped float32", "mapped int8")
+
+
+@dataclass(frozen=True)
+class TableBatchResult:
+    batch: int
+    decode_ms: dict[str, Spread]  # per variant, over its runs
+    # Per variant: each run's median step over the reference's run in the same round, so that
+    # a neighbour's burst slows both sides of a ratio alike; median with min-max.
+    ratio: dict[str, Spread]
+
+
+@dataclass(frozen=True)
+class TableBenchResult:
+    model: str
+    device: str
+    threads: int
+    new_tokens: int
+    prompt_tokens: int
+    repeats: int
+    table_bytes: dict[str, int]  # the table's stored bytes per variant
+    results: tuple[TableBatchResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_tables(
+    model: nn.Module,
+    folder: Any,
+    name: str = "model",
+    batches: Sequence[int] = (1, 16),
+    new_tokens: int = 32,
+    prompt_tokens: int = 32,
+    repeats: int = 5,
+    progress: Progress | None = None,
+) -> TableBenchResult:
+    """Decode with the table memory-mapped (float32, and int8 dequantized per row looked up)
+    against the same model with its float32 table in memory, after a warm-up, in rounds that
+    run every variant once in a rotating order. `folder` is an empty scratch folder where the
+    two conversions are written (and read back from)."""
+    from pathlib import Path
+
+    from firstlayer.checkpoint import convert, load
+
+    if new_tokens < 2 or repeats < 1 or not batches or min(batches) < 1:
+        raise FirstLayerError("bench needs --new-tokens >= 2, --repeats >= 1 and batches >= 1")
+    variants = {TABLE_VARIANTS[0]: precompute(copy.deepcopy(model))}
+    for variant, table_dtype in zip(TABLE_VARIANTS[1:], ("float32", "int8"), strict=True):
+        out = convert(model, Path(folder) / table_dtype, table_dtype=table_dtype)
+        variants[variant] = load(out)
+    device = next(model.parameters()).device
+    total, done = len(batches) * repeats, 0
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for batch in batches:
+        loops = {v: DecodeLoop(m, prompt_tokens + new_tokens, False) for v, m in variants.items()}
+        prompt = torch.randint(0, PROMPT_ID_LIMIT, (batch, prompt_tokens), generator=generator)
+        prompt = prompt.to(device)
+        for loop in loops.values():  # warm-up: allocation, the pages of the rows read
+            loop.run(prompt, new_tokens)
+        runs: dict[str, list[float]] = {v: [] for v in loops}
+        for repeat in range(repeats):
+            order = list(loops)[repeat % len(loops) :] + list(loops)[: repeat % len(loops)]
+            for variant in order:
+                runs[variant].append(
+                    1e3 * statistics.median(loops[variant].run(prompt, new_tokens)[1])
+                )
+            done += 1
+            if progress:
+                progress(f"{name}: batch {batch}", done, total)
+        reference = runs[TABLE_VARIANTS[0]]
+        results.append(
+            TableBatchResult(
+                batch=batch,
+                decode_ms={v: Spread.of(ms) for v, ms in runs.items()},
+                ratio={
+                    v: Spread.of([a / b for a, b in zip(ms, reference, strict=True)])
+                    for v, ms in runs.items()
+                    if v != TABLE_VARIANTS[0]
+                },
+            )
+        )
+    return TableBenchResult(
+        model=name,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        new_tokens=new_tokens,
+        prompt_tokens=prompt_tokens,
+        repeats=repeats,
+        table_bytes={v: table_nbytes(m) for v, m in variants.items()},
+        results=tuple(results),
+    )
+
+
+def table_nbytes(model: nn.Module) -> int:
+    table = model.get_input_embeddings()
+    blocks = [table.qkv, table.qkv_scale, table.residual_scale]
+    if not model.config.firstlayer["lm_head"]["reads_table"]:
+        blocks.append(table.residual)
+    return sum(b.numel() * b.element_size() for b in blocks if b is not None)

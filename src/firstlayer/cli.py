@@ -163,7 +163,7 @@ def add_analyze(commands: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     import json
 
-    from firstlayer import savings  # torch-free: analyze answers without loading torch
+    from firstlayer import placement, savings  # torch-free: analyze answers without torch
 
     batches = args.batch or savings.DEFAULT_BATCHES
     report = savings.analyze_specs(args.sources, args.accounting, batches)
@@ -173,9 +173,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         plot_analysis(report.models, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
     if args.json:
-        print(json.dumps([a.as_json() for a in report.models], indent=2))
+        models = [{**a.as_json(), "table_memory": placement.as_json(a)} for a in report.models]
+        print(json.dumps(models, indent=2))
     else:
         print(savings.format_report(report))
+        print("\n" + placement.format_placements(report.models))
     return 0
 
 
@@ -183,6 +185,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 SOURCE_HELP = "a model folder (safetensors), a .gguf file, or `default` (SmolLM2-135M-Instruct)"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+TABLE_DTYPE_CHOICES = (*DTYPE_CHOICES, "int8")
 
 
 def add_convert(commands: argparse._SubParsersAction) -> None:
@@ -193,6 +196,17 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "--dtype",
         help=f"stored dtype: {', '.join(DTYPE_CHOICES)} "
         "(default: the source's; the table is computed in float32 regardless)",
+    )
+    parser.add_argument(
+        "--table-dtype",
+        choices=TABLE_DTYPE_CHOICES,
+        help="the table's stored dtype, independent of --dtype (default: --dtype); int8 keeps "
+        "a scale per row and projection; a serial model's x columns keep --dtype",
+    )
+    parser.add_argument(
+        "--accept-error",
+        action="store_true",
+        help="publish a table whose self-check error exceeds its dtype's bound",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument(
@@ -218,6 +232,8 @@ def run_convert(args: argparse.Namespace) -> int:
             update,
             args.max_shard_size,
             on_check=checks.append,
+            table_dtype=args.table_dtype,
+            accept_error=args.accept_error,
         )
     print(f"wrote {out} ({how}): {describe_folder(out)}")
     print(f"self-check: {checks[0].describe()}")
@@ -432,6 +448,12 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
         help="time a transformers loop (default), or vLLM serving both folders (needs "
         "firstlayer[vllm]; batches 1 and 16 unless --batch is given)",
     )
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="instead: decode with the table memory-mapped (float32, int8) against an "
+        "in-memory float32 table",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw speed-up and ceiling by batch")
     parser.set_defaults(run=run_bench)
@@ -451,8 +473,12 @@ def run_bench(args: argparse.Namespace) -> int:
     loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.engine == "vllm":
+        if args.tables:
+            raise FirstLayerError("--tables times the transformers loop: leave out --engine vllm")
         return run_bench_vllm(args, loaded, compile)
     args.batch = args.batch or [1, 4, 16]
+    if args.tables:
+        return run_bench_tables(args, loaded)
     with progress_bar("bench") as update:
         result = bench(
             loaded.model.to(device),
@@ -499,6 +525,28 @@ def run_bench_vllm(args: argparse.Namespace, loaded: Any, compile: bool) -> int:
             progress=lambda label, done, total: update(done, total, label),
         )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_engine_bench(result))
+    return 0
+
+
+def run_bench_tables(args: argparse.Namespace, loaded: Any) -> int:
+    import json
+    import tempfile
+
+    from firstlayer.bench import bench_tables
+    from firstlayer.report import format_table_bench
+
+    with tempfile.TemporaryDirectory() as folder, progress_bar("bench --tables") as update:
+        result = bench_tables(
+            loaded.model,
+            folder,
+            name=loaded.source.name,
+            batches=args.batch,
+            new_tokens=args.new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            progress=lambda label, done, total: update(done, total, label),
+        )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table_bench(result))
     return 0
 
 

@@ -59,7 +59,7 @@ def generate_text(
     if temperature < 0:
         raise FirstLayerError("--temperature must be 0 (greedy) or more")
     batch = encode_prompt(tokenizer, prompt, chat, context_length(model))
-    device = next(model.parameters()).device
+    device = model.get_output_embeddings().weight.device  # a host-kept table is not
     batch = {k: v.to(device) for k, v in batch.items()}
     if seed is not None:
         torch.manual_seed(seed)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from firstlayer.bench import BenchResult
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, VerifyReport
+from firstlayer.bench import TABLE_VARIANTS, BenchResult, TableBenchResult
+from firstlayer.verify import (
+    FLOAT32_LOGIT_TOLERANCE,
+    REDUCED_PRECISION_LOGIT_FACTOR,
+    VerifyReport,
+)
 
 GB = 1e9
 
@@ -17,6 +21,7 @@ def format_verify(
     """The verify report: logits, tokens, parameters and bytes before and after, and a verdict."""
     change = report.params_after - report.params_before
     lines = [
+        f"model / table dtype  {report.dtype} / {report.table_dtype}",
         f"max |logit diff|     {report.max_logit_diff:.2e}"
         + (
             f"   (bound {FLOAT32_LOGIT_TOLERANCE:.0e})"
@@ -30,12 +35,18 @@ def format_verify(
             report.table_error,
             report.baseline_layer0_error,
         )
+        base = report.baseline_dtype
         lines += [
-            f"original in {report.dtype}:  max {report.baseline_max_logit_diff:.2e}, mean "
-            f"{report.baseline_mean_logit_diff:.2e} against float32 (both models carry the other "
-            f"layers' {report.dtype} rounding)",
-            f"layer 0 vs float32   table max {table_max:.2e}, mean {table_mean:.2e}; the "
-            f"original's own {report.dtype} arithmetic max {own_max:.2e}, mean {own_mean:.2e}",
+            f"original in {base}:  max {report.baseline_max_logit_diff:.2e}, mean "
+            f"{report.baseline_mean_logit_diff:.2e} against float32"
+            + (
+                f" (both models carry the other layers' {base} rounding)"
+                if base == report.dtype
+                else f" (bound on the mean: {REDUCED_PRECISION_LOGIT_FACTOR}x this)"
+            ),
+            f"layer 0 vs float32   table ({report.table_dtype}) max {table_max:.2e}, mean "
+            f"{table_mean:.2e}; the original's own {base} arithmetic max {own_max:.2e}, mean "
+            f"{own_mean:.2e}",
         ]
     lines += [
         f"token agreement      {100 * report.token_agreement:.2f}% (argmax at every position)",
@@ -166,3 +177,34 @@ def format_engine_bench(result) -> str:
         "and lengths, after the engines were shut down."
     )
     return "\n\n".join([head, "\n".join(rows), note])
+
+
+def format_table_bench(result: TableBenchResult) -> str:
+    """Per batch: each table variant's decode step, and its ratio to the in-memory table."""
+    reference = TABLE_VARIANTS[0]
+    lines = [
+        f"{result.model} on {result.device} ({result.threads} threads), float32 model, eager; "
+        f"prompt {result.prompt_tokens} tokens, {result.new_tokens} new tokens; "
+        f"{result.repeats} rounds of every variant after a warm-up; medians [min-max]",
+        "table bytes: "
+        + ", ".join(f"{v} {n / 2**20:,.1f} MiB" for v, n in result.table_bytes.items()),
+        f"{'batch':>5}  {'table':<18} {'decode ms/step':>24}  {'ratio to ' + reference:>32}",
+    ]
+    for r in result.results:
+        for variant, ms in r.decode_ms.items():
+            ratio = r.ratio.get(variant)
+            shown = (
+                "(reference)"
+                if ratio is None
+                else f"{ratio.median:.3f}x [{ratio.low:.3f}-{ratio.high:.3f}]"
+                + (" slower" if ratio.low > 1 else "")
+            )
+            lines.append(
+                f"{r.batch:>5}  {variant:<18} {ms.median:9.2f} [{ms.low:.2f}-{ms.high:.2f}]"
+                f"  {shown:>32}"
+            )
+    lines.append(
+        "a ratio is a variant's run over the reference's run of the same round; `slower` marks "
+        "one whose every ratio is above 1"
+    )
+    return "\n".join(lines)

@@ -26,9 +26,25 @@ from firstlayer.arch import Parts, adapter_for
 from firstlayer.arch.base import embed_scale, scale_in, threads_kwargs_to_attention
 from firstlayer.dims import is_parallel, model_dims
 from firstlayer.errors import FirstLayerError
-from firstlayer.table import Layout, TokenLocal, table_chunks, table_layout
+from firstlayer.safetensors_io import MappedFile
+from firstlayer.table import (
+    BLOCKS,
+    SCALE_SUFFIX,
+    Layout,
+    TokenLocal,
+    block_dtypes,
+    dequantize_int8,
+    dtype_name,
+    encode_rows,
+    segments,
+    table_chunks,
+    table_layout,
+)
 
-FORMAT_VERSION = 2
+# Format 3 added int8 tables (with `*_scale` blocks); a folder whose table is not int8 is
+# written as format 2, which it still is, so that earlier readers keep reading it.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 # The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
 ROWS_KWARG = "firstlayer_rows"
 # Where the installed transformers does not hand the model's kwargs to layer 0's attention
@@ -39,19 +55,45 @@ _CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)
 
 
 class TableEmbedding(nn.Module):
-    """Replaces the input embedding: looks up table rows, returns their first D columns."""
+    """Replaces the input embedding: looks up table rows, returns their first D columns.
 
-    def __init__(self, residual: Tensor, qkv: Tensor, scale: float | None):
+    The blocks may be stored in another dtype than the model runs in (float16, bfloat16, or int8
+    with per-row scales), and the blocks named in `host_blocks` (a loaded model's memory-mapped
+    ones) stay where they are when the model moves or changes dtype: each call converts only
+    the rows it looks up and copies them to the model's device.
+    """
+
+    def __init__(
+        self,
+        residual: Tensor,
+        qkv: Tensor,
+        scale: float | None,
+        layout: Layout,
+        scales: dict[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         assert residual.shape[0] == qkv.shape[0], (residual.shape, qkv.shape)
         # Parameters that require grad, like every weight of a transformers model: torch's matmul
         # folds (B, T, D) @ W.T into one mm only when W requires grad or the input is contiguous,
         # and the LM head's input (the last position of a prefill) is not. Without it a tied LM
-        # head would run as a batched matmul, several times slower.
-        self.residual = nn.Parameter(residual)  # (V, D): x or x + mlp(x)
-        self.qkv = nn.Parameter(qkv)  # (V, W - D): q, k, v before RoPE
+        # head would run as a batched matmul, several times slower. (int8 cannot require grad.)
+        self.residual = nn.Parameter(residual, requires_grad=residual.is_floating_point())
+        self.qkv = nn.Parameter(qkv, requires_grad=qkv.is_floating_point())  # (V, W - D)
+        for block in BLOCKS:  # int8 blocks: (V, S) float32 scales, one per row and range
+            scale_of = (scales or {}).get(block)
+            self.register_parameter(
+                block + SCALE_SUFFIX,
+                None if scale_of is None else nn.Parameter(scale_of, requires_grad=False),
+            )
+        self.ranges = {block: segments(layout, block) for block in BLOCKS}
         # Gemma's sqrt(D), applied at run time so that the stored x can also serve the LM head.
         self.scale = scale
+        # Where rows go and in what dtype: the model's, followed through .to() (see _apply).
+        self.dtype = dtype or (residual.dtype if residual.is_floating_point() else torch.float32)
+        self.device = residual.device
+        self.host_blocks: frozenset[str] = frozenset()
+        self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
 
     @property
     def num_embeddings(self) -> int:
@@ -63,20 +105,62 @@ class TableEmbedding(nn.Module):
         return self.residual
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        first = nn.functional.embedding(input_ids, self.residual)  # (B, T, D)
+        first = self.lookup("residual", input_ids)  # (B, T, D)
         return first if self.scale is None else first * scale_in(self.scale, first.dtype)
 
     def rows(self, input_ids: Tensor) -> Tensor:
         """The q, k, v columns of the tokens' rows: (B, T, W - D)."""
-        return nn.functional.embedding(input_ids, self.qkv)
+        return self.lookup("qkv", input_ids)
+
+    def lookup(self, block: str, input_ids: Tensor) -> Tensor:
+        """A block's rows for token ids, in the model's dtype on the ids' device."""
+        stored = getattr(self, block)
+        scales = getattr(self, block + SCALE_SUFFIX)
+        if scales is None and stored.dtype == self.dtype and stored.device == input_ids.device:
+            return nn.functional.embedding(input_ids, stored)
+        ids = input_ids.to(stored.device)
+        if scales is None:
+            rows = nn.functional.embedding(ids, stored).to(self.dtype)
+        else:
+            rows = dequantize_int8(stored[ids], scales[ids], self.ranges[block], self.dtype)
+        if rows.device == input_ids.device:
+            return rows
+        # A table kept in host memory: only these B x T rows cross to the accelerator.
+        if input_ids.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(input_ids.device, non_blocking=True)
+
+    def check_files(self) -> None:
+        """Refuse to read a mapped block whose file was truncated or replaced since loading."""
+        for file in self.files:
+            file.check()
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> TableEmbedding:
+        # .to(), .half(), .cuda() reach every module through _apply: follow the model's dtype
+        # and device; host-kept blocks stay where they are, int8 scales stay float32 and move.
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.dtype, self.device = probe.dtype, probe.device
+        held = {
+            name: p
+            for name, p in self._parameters.items()
+            if p is not None and (name in self.host_blocks or name.endswith(SCALE_SUFFIX))
+        }
+        self._parameters.update(dict.fromkeys(held))
+        super()._apply(fn, recurse)
+        for name, p in held.items():
+            if name not in self.host_blocks:
+                p = nn.Parameter(p.to(self.device), requires_grad=False)
+            self._parameters[name] = p
+        return self
 
     def table(self) -> Tensor:
-        """The whole table, [residual | q | k | v] (a copy, for inspection)."""
-        return torch.cat([self.residual, self.qkv], dim=1)
+        """The whole table, [residual | q | k | v] in the model's dtype (a copy, to inspect)."""
+        ids = torch.arange(self.num_embeddings, device=self.residual.device)
+        return torch.cat([self.lookup(block, ids) for block in BLOCKS], dim=1)
 
     def extra_repr(self) -> str:
         vocab, hidden = self.residual.shape
-        return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns"
+        return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns, qkv in {self.qkv.dtype}"
 
 
 class Columns(nn.Module):
@@ -131,6 +215,7 @@ class RowsFromTable:
             return args, kwargs  # the family's own forward says what is missing
         if not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.table.num_embeddings)
+            self.table.check_files()
         rows = self.table.rows(input_ids)  # (B, T, W - D)
         if self.through_kwargs:
             return args, {**kwargs, ROWS_KWARG: rows}
@@ -209,15 +294,19 @@ def patch(
     residual: Tensor,
     qkv: Tensor,
     lm_head_from_table: bool,
+    scales: dict[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Swap layer 0's token-local modules for the table, in place; returns the model.
 
     lm_head_from_table: the LM head reads the table's x block, the same tensor, as a tied head
     reads the embedding; for serial models whose LM head was tied to the input embedding.
+    scales: the per-row scales of int8 blocks; dtype: the model's (default: the residual's).
     """
     assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
     assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
-    table = TableEmbedding(residual, qkv, embed_scale(model.get_submodule(parts.embedding)))
+    scale = embed_scale(model.get_submodule(parts.embedding))
+    table = TableEmbedding(residual, qkv, scale, layout, scales, dtype)
     model.set_submodule(parts.embedding, table)
     # The attention norm's work is in the rows, which replace its output on the way in.
     if parts.attn_norm is not None:
@@ -256,16 +345,19 @@ def firstlayer_record(
     layout: Layout,
     lm_head_from_table: bool,
     table_dtype: torch.dtype,
+    residual_dtype: torch.dtype | None = None,
 ) -> dict:
-    """The `firstlayer` section of a precomputed model's config."""
+    """The `firstlayer` section of a precomputed model's config. `table_dtype` is the qkv
+    block's, `residual_dtype` the residual block's (default the same)."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if table_dtype == torch.int8 else 2,
         "model_type": model.config.model_type,
         "architecture": "parallel" if layout.is_parallel else "serial",
         "table": {
             "module": parts.embedding,
             **layout.to_dict(),
-            "dtype": str(table_dtype).removeprefix("torch."),
+            "dtype": dtype_name(table_dtype),
+            "residual_dtype": dtype_name(residual_dtype or table_dtype),
         },
         # Serial models with a tied LM head read the table's x block: one copy of E on disk.
         "lm_head": {"module": parts.lm_head, "reads_table": lm_head_from_table},
@@ -292,25 +384,42 @@ def precompute(
     model keeps its class (`firstlayer.precompute` also makes it a precomputed class).
 
     The table is computed in float32 (float64 for a float64 model) from the model's own weights
-    and stored in `dtype` (default: the embedding's dtype). Layer 0's q/k/v weights and its
-    attention norm (for parallel blocks also its MLP and MLP norm) are dropped. Returns the model.
-    `progress(done_rows, total_rows)` is called after each chunk.
+    and stored in `dtype` (default: the embedding's dtype; int8 keeps per-row scales), but for a
+    serial row's first D columns, the embedding itself, which stay in the model's dtype. Layer
+    0's q/k/v weights and its attention norm (for parallel blocks also its MLP and MLP norm) are
+    dropped. Returns the model. `progress(done_rows, total_rows)` is called after each chunk.
     """
     parts, layout, lm_head_from_table = plan(model)
     token_local = TokenLocal(model, parts, layout)
     vocab_size, device = token_local.embedding_weight.shape[0], token_local.embedding_weight.device
-    table_dtype = dtype or token_local.embedding_weight.dtype
-    blocks = {
-        "residual": torch.empty(vocab_size, layout.hidden_size, dtype=table_dtype, device=device),
-        "qkv": torch.empty(vocab_size, layout.qkv_width, dtype=table_dtype, device=device),
-    }
-    for index, (name, block) in enumerate(blocks.items()):
+    model_dtype = token_local.embedding_weight.dtype
+    table_dtype = dtype or model_dtype
+    dtypes = block_dtypes(table_dtype, model_dtype, layout.is_parallel)
+    widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
+    blocks, scales = {}, {}
+    for index, name in enumerate(BLOCKS):
+        ranges = segments(layout, name)
+        blocks[name] = torch.empty(vocab_size, widths[name], dtype=dtypes[name], device=device)
+        if dtypes[name] == torch.int8:
+            scales[name] = torch.empty(vocab_size, len(ranges), device=device)
         for start, rows in table_chunks(token_local, vocab_size, name):
-            block[start : start + len(rows)] = rows
+            stored, scale = encode_rows(rows, dtypes[name], ranges)
+            blocks[name][start : start + len(rows)] = stored
+            if scale is not None:
+                scales[name][start : start + len(rows)] = scale
             if progress:
                 progress(index * vocab_size + start + len(rows), 2 * vocab_size)
     del token_local
     model.config.firstlayer = firstlayer_record(
-        model, parts, layout, lm_head_from_table, table_dtype
+        model, parts, layout, lm_head_from_table, table_dtype, dtypes["residual"]
     )
-    return patch(model, parts, layout, blocks["residual"], blocks["qkv"], lm_head_from_table)
+    return patch(
+        model,
+        parts,
+        layout,
+        blocks["residual"],
+        blocks["qkv"],
+        lm_head_from_table,
+        scales,
+        model_dtype,
+    )

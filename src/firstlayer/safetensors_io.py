@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -308,3 +309,42 @@ def read_header(path: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...
             raise FirstLayerError(f"{path}: {name} has dtype {info['dtype']}, not supported")
         entries[name] = (path, DTYPES_BY_NAME[info["dtype"]], tuple(info["shape"]), base + start)
     return entries
+
+
+class MappedFile:
+    """A file tensors are memory-mapped from. Reading a page past a truncated end kills the
+    process (SIGBUS), and a file rewritten in place reads as other numbers, so every model call
+    first compares the mapped file (through a descriptor of its own: the same inode, wherever
+    the path now points) with its size and modification time when mapped: one fstat, ~1 us.
+    A file removed or renamed over is harmless: the mapping keeps the inode it loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        stat = os.fstat(self.fd)
+        self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
+
+    def check(self) -> None:
+        stat = os.fstat(self.fd)
+        if (stat.st_size, stat.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise FirstLayerError(
+                f"{self.path} was truncated or rewritten after the model was loaded, and its "
+                "table is read from that file (memory-mapped): load the model again "
+                "(`firstlayer check` the folder first)"
+            )
+
+    def __deepcopy__(self, memo: dict) -> MappedFile:
+        return self  # one descriptor, closed once, by the last model holding it
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+def map_tensor(path: Path, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> Tensor:
+    """A tensor stored at `offset` of a file, memory-mapped: pages become resident only when
+    read. The file is opened read-only and mapped copy-on-write, so nothing can write to it (a
+    write in this process would go to a private copy of the page)."""
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    count = math.prod(shape)
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset).view(shape)

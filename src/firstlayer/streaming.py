@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from firstlayer.arch import adapter_for
 from firstlayer.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE,
-    DTYPES,
     Weights,
     convert_weights,
     fingerprint,
@@ -44,7 +43,7 @@ from firstlayer.rowcheck import (
 )
 from firstlayer.runtime import family_config, parts_of
 from firstlayer.safetensors_io import SafetensorsFolder
-from firstlayer.table import Layout
+from firstlayer.table import TABLE_DTYPES, Layout
 
 # Bytes of a tensor copied (or hashed) per block of rows: enough to stream at disk speed, small
 # beside any model worth converting out of core.
@@ -94,6 +93,8 @@ def convert_folder(
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     on_check: Callable[[RowCheck], None] | None = None,
+    table_dtype: torch.dtype | str | None = None,
+    accept_error: bool = False,
 ) -> Path:
     """`checkpoint.convert` for a safetensors folder (sharded or not) that is never loaded.
 
@@ -135,7 +136,17 @@ def convert_folder(
 
     weights = Weights(embedding, blocks, source_fingerprint)
     return convert_weights(
-        model, weights, out, tokenizer, dtype, force, progress, max_shard_size, on_check
+        model,
+        weights,
+        out,
+        tokenizer,
+        dtype,
+        force,
+        progress,
+        max_shard_size,
+        on_check,
+        table_dtype=table_dtype,
+        accept_error=accept_error,
     )
 
 
@@ -244,8 +255,8 @@ def check_folder_rows(source: str | Path, out: str | Path, count: int = SAMPLE_R
     vocab_size = embedding.shape[0]
     ids = sample_ids(vocab_size, special_token_ids(model.config, None), count)
     expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)
-    stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids)
-    table_dtype = DTYPES[record["table"]["dtype"]]
+    stored = stored_rows(SafetensorsFolder(Path(out)), record["table"]["module"], ids, layout)
+    table_dtype = TABLE_DTYPES[record["table"]["dtype"]]
     return compare_rows(stored, expected, ids, layout, tolerance_for(table_dtype, model_dtype))
 
 
@@ -257,6 +268,8 @@ def convert_source(
     progress: Callable[[int, int], None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     on_check: Callable[[RowCheck], None] | None = None,
+    table_dtype: torch.dtype | str | None = None,
+    accept_error: bool = False,
 ) -> tuple[Path, str]:
     """Convert SOURCE as `firstlayer convert` does: a safetensors folder out of core, anything
     else (a GGUF file, which must be dequantized; a checkpoint whose weights transformers
@@ -277,13 +290,31 @@ def convert_source(
         check_safetensors_shapes(path, source.config)
         try:
             written = convert_folder(
-                path, out, load_tokenizer(path), dtype, force, progress, max_shard_size, on_check
+                path,
+                out,
+                load_tokenizer(path),
+                dtype,
+                force,
+                progress,
+                max_shard_size,
+                on_check,
+                table_dtype=table_dtype,
+                accept_error=accept_error,
             )
             return written, "out of core"
         except NeedsLoading:
             pass  # Mixtral's experts: transformers fuses them on loading
     loaded = load_source(spec, to_convert=True)
     written = convert(
-        loaded.model, out, loaded.tokenizer, dtype, force, progress, max_shard_size, on_check
+        loaded.model,
+        out,
+        loaded.tokenizer,
+        dtype,
+        force,
+        progress,
+        max_shard_size,
+        on_check,
+        table_dtype=table_dtype,
+        accept_error=accept_error,
     )
     return written, "loaded in memory"

@@ -180,3 +180,71 @@ def table_chunks(
     for start in range(0, vocab_size, chunk_rows):
         ids = torch.arange(start, min(start + chunk_rows, vocab_size), device=device)
         yield start, rows_of(ids)
+
+
+# The dtypes a table may be stored in, independent of the model's. int8 keeps one float32 scale
+# per row for each projection's columns (and for a parallel row's residual block) and is
+# dequantized only for the rows a step looks up.
+TABLE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+}
+INT8_MAX = 127
+# The name of a quantized block's scales: `residual` -> `residual_scale`.
+SCALE_SUFFIX = "_scale"
+
+
+def segments(layout: Layout, block: str) -> tuple[tuple[int, int], ...]:
+    """Column ranges of a block that share one int8 scale per row: each projection's columns of
+    the qkv block (a fused or interleaved projection is one range), the whole residual block."""
+    if block == "residual":
+        return ((0, layout.hidden_size),)
+    return tuple(
+        (c.start - layout.hidden_size, c.stop - layout.hidden_size) for c in layout.columns
+    )
+
+
+def quantize_int8(rows: Tensor, ranges: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale per row and range: (int8 rows (N, W), scales (N, S))."""
+    codes, scales = [], []
+    for start, stop in ranges:
+        part = rows[:, start:stop].float()  # (N, width)
+        scale = part.abs().amax(dim=1, keepdim=True) / INT8_MAX  # (N, 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero range
+        codes.append(torch.round(part / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
+        scales.append(scale)
+    return torch.cat(codes, dim=1), torch.cat(scales, dim=1)
+
+
+def dequantize_int8(
+    codes: Tensor, scales: Tensor, ranges: tuple[tuple[int, int], ...], dtype: torch.dtype
+) -> Tensor:
+    """Rows back from int8: (..., W) codes and (..., S) scales -> (..., W) in `dtype`."""
+    parts = [
+        codes[..., start:stop].float() * scales[..., i : i + 1]
+        for i, (start, stop) in enumerate(ranges)
+    ]
+    return torch.cat(parts, dim=-1).to(dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def block_dtypes(
+    table_dtype: torch.dtype, model_dtype: torch.dtype, is_parallel: bool
+) -> dict[str, torch.dtype]:
+    """The dtype each block is stored in. A serial row's first D columns are the embedding itself,
+    which a tied LM head also reads as its weight: they stay in the model's dtype."""
+    return {"residual": table_dtype if is_parallel else model_dtype, "qkv": table_dtype}
+
+
+def encode_rows(
+    rows: Tensor, dtype: torch.dtype, ranges: tuple[tuple[int, int], ...]
+) -> tuple[Tensor, Tensor | None]:
+    """Rows as stored: (rows in `dtype`, None), or for int8 (codes, per-row scales)."""
+    if dtype == torch.int8:
+        return quantize_int8(rows, ranges)
+    return rows.to(dtype), None

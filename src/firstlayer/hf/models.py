@@ -26,7 +26,7 @@ from torch import nn
 from firstlayer import runtime
 from firstlayer.errors import FirstLayerError
 from firstlayer.runtime import TableEmbedding, family_config, parts_of, patch
-from firstlayer.table import Layout, table_layout
+from firstlayer.table import BLOCKS, TABLE_DTYPES, Layout, segments, table_layout
 
 PRECOMPUTED_PREFIX = "firstlayer_"
 
@@ -69,11 +69,12 @@ class PrecomputedForCausalLM:
         """transformers' from_pretrained, refusing what it would only warn about: a folder of an
         older format, files missing or cut short, weights missing or of the wrong shape (which
         it would initialise at random)."""
-        from firstlayer.checkpoint import check_folder_files
+        from firstlayer.checkpoint import check_folder_files, map_table
 
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():
             check_folder_files(folder)
+        table_memory = kwargs.pop("table_memory", "mapped")
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
@@ -89,6 +90,8 @@ class PrecomputedForCausalLM:
                 f"{pretrained_model_name_or_path}: the weights do not match the precomputed model "
                 f"its config describes ({found}): convert the source again"
             )
+        if folder.is_dir():
+            map_table(model, folder, table_memory)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
@@ -113,11 +116,27 @@ def install_empty_table(model: nn.Module) -> None:
             "the folder was edited; convert the source again"
         )
     weight = model.get_submodule(parts.embedding).weight  # (V, D)
-    blocks = (
-        torch.zeros(weight.shape[0], width, dtype=weight.dtype, device=weight.device)
-        for width in (layout.hidden_size, layout.qkv_width)
+    table = record["table"]
+    stored = {"residual": table.get("residual_dtype", table["dtype"]), "qkv": table["dtype"]}
+    widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
+    blocks, scales = {}, {}
+    for block in BLOCKS:
+        # Every block but a serial model's residual (its embedding and tied LM head) in its
+        # stored dtype: the loader then casts nothing, so it reads none of the table's pages
+        # (`checkpoint.map_table` maps them after loading).
+        is_int8 = stored[block] == "int8"
+        keeps_model_dtype = block == "residual" and not layout.is_parallel
+        dtype = weight.dtype if keeps_model_dtype else TABLE_DTYPES[stored[block]]
+        blocks[block] = torch.zeros(
+            weight.shape[0], widths[block], dtype=dtype, device=weight.device
+        )
+        if is_int8:
+            ranges = segments(layout, block)
+            scales[block] = torch.zeros(weight.shape[0], len(ranges), device=weight.device)
+    reads_table = bool(record["lm_head"]["reads_table"])
+    patch(
+        model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, weight.dtype
     )
-    patch(model, parts, layout, *blocks, bool(record["lm_head"]["reads_table"]))
 
 
 def tie_lm_head_to_table(model: nn.Module) -> None:

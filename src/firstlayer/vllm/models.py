@@ -245,6 +245,7 @@ class PrecomputedForCausalLM:
             check_folder_files(folder)  # present, this format, files at their recorded sizes
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
+        refuse_int8_table(config.firstlayer)
         self.hf_config = config
         self.firstlayer_record = config.firstlayer
         install_table(self, self.family, self.firstlayer_record, config.vocab_size)
@@ -281,6 +282,15 @@ class PrecomputedForCausalLM:
         return {n for n in loaded if f".{SOURCE}." not in n} | {f"{table}.qkv"}
 
 
+def refuse_int8_table(record: dict) -> None:
+    """An int8 table carries per-row scales the vLLM models do not apply (yet)."""
+    if record["table"].get("dtype") == "int8":
+        raise FirstLayerError(
+            "this folder's table is int8, which firstlayer's vLLM plugin does not serve yet: "
+            "convert with --table-dtype float32, bfloat16 or float16 for vLLM"
+        )
+
+
 def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
     """Raise unless every tensor the folder should hold arrived and every parameter was loaded.
 
@@ -312,6 +322,7 @@ class PrecomputedTransformersForCausalLM:
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             check_folder_files(folder)
+        refuse_int8_table(vllm_config.model_config.hf_config.firstlayer)
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise FirstLayerError(
                 f"vLLM serves {self.model_type} through its Transformers backend, where "

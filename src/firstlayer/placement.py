@@ -1,0 +1,81 @@
+"""Where the table's bytes go, per table dtype: accelerator memory and host memory, for a table
+kept on the accelerator and for one kept in host memory (a step copies its B rows over).
+Config in, numbers out, no torch: `firstlayer analyze` prints it under the savings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from firstlayer.savings import Analysis, _number, _table
+
+# Bytes per entry of each table dtype; int8 adds one float32 scale per row and projection.
+TABLE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+INT8_SCALE_BYTES = 4
+# q, k and v each get a scale (a fused or interleaved projection shares one: fewer bytes).
+INT8_SCALES_PER_ROW = 3
+# The model's other weights, as accelerators run them.
+MODEL_DTYPE_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Change in bytes against the original model, for one table dtype."""
+
+    table_dtype: str
+    table_bytes: int  # what the table adds: q/k/v (and a parallel row's residual) + scales
+    on_device: tuple[int, int]  # (accelerator, host): the table in accelerator memory
+    on_host: tuple[int, int]  # (accelerator, host): the table in host memory
+
+
+def placements(analysis: Analysis, model_bytes: int = MODEL_DTYPE_BYTES) -> tuple[Placement, ...]:
+    """One Placement per table dtype. The eliminated layer-0 weights leave the accelerator
+    either way; a serial row's x columns are the embedding itself (they stay in the model's
+    dtype, where the embedding was), a parallel row's replace it unless a tied LM head needs it.
+    On a CPU-only machine "host" is what a memory-mapped table costs on disk; RAM holds only
+    the rows read."""
+    m = analysis.dims
+    qkv_width = m.q_dim + 2 * m.e
+    eliminated = analysis.eliminated_weights * model_bytes
+    # A parallel model's input embedding is replaced by the residual block, unless it is tied.
+    embedding_freed = m.vocab_size * m.d * model_bytes if m.is_parallel and not m.is_tied else 0
+    out = []
+    for name, size in TABLE_DTYPE_BYTES.items():
+        scales = INT8_SCALE_BYTES if name == "int8" else 0
+        table = m.vocab_size * (qkv_width * size + INT8_SCALES_PER_ROW * scales)
+        if m.is_parallel:
+            table += m.vocab_size * (m.d * size + scales)
+        device_change = -eliminated - embedding_freed
+        out.append(Placement(name, table, (table + device_change, 0), (device_change, table)))
+    return tuple(out)
+
+
+def as_json(analysis: Analysis) -> list[dict[str, Any]]:
+    return [asdict(p) for p in placements(analysis)]
+
+
+def format_placements(analyses: Sequence[Analysis]) -> str:
+    """Per table dtype: bytes added on the accelerator and on the host, for both placements."""
+    rows = []
+    for i, name in enumerate(TABLE_DTYPE_BYTES):
+        rows += [
+            (f"{name} table: accelerator (table on it)", lambda a, i=i: _cell(a, i, "on_device")),
+            ("  table in host memory: accelerator", lambda a, i=i: _cell(a, i, "on_host", 0)),
+            ("  table in host memory: host", lambda a, i=i: _cell(a, i, "on_host", 1)),
+        ]
+    title = (
+        f"Memory change by table dtype (bytes; other weights in {8 * MODEL_DTYPE_BYTES}-bit, "
+        "int8 with float32 scales per row and projection)"
+    )
+    note = (
+        "\n\nA table in host memory leaves the accelerator lighter by the eliminated weights: a "
+        "decode step copies only its B rows over. On a CPU the loaded table is memory-mapped: "
+        "the host figure is disk, and only the rows read become resident."
+    )
+    return title + "\n\n" + _table("", analyses, rows) + note
+
+
+def _cell(analysis: Analysis, index: int, where: str, side: int = 0) -> str:
+    return _number(getattr(placements(analysis)[index], where)[side])
