@@ -36,11 +36,15 @@ setup-vllm: $(VLLM_VENV)/.installed
 demo: $(STAMP)
 	$(VENV)/bin/firstlayer demo
 
-# The suite at the newest transformers the range allows, then the vLLM suite (its own venv);
-# CI (.ci/run) also runs test-oldest, the suite at the other end of the range.
+# The suite at the newest transformers the range allows and, beside it, the vLLM suite (its own
+# venv): both spend most of their time in single-threaded Python (tiny models, engine start-up),
+# so on 2 cores they run side by side. CI (.ci/run) also runs test-oldest, the suite at the
+# other end of the range.
 test: $(STAMP) $(VLLM_VENV)/.installed
-	$(PY) -m pytest -q
-	$(VLLM_PY) -m pytest -q tests_vllm
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm > .test-vllm.log 2>&1 & vllm=$$!; \
+	$(PY) -m pytest -q; main=$$?; \
+	wait $$vllm; status=$$?; cat .test-vllm.log; \
+	test $$main -eq 0 && test $$status -eq 0
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_PY) -m pytest -q tests_vllm
