@@ -188,15 +188,18 @@ def model_class(model_type: str) -> type:
 
 
 def register_weight_conversions(model_type: str) -> None:
-    """The family's checkpoint conversions (Mixtral's experts, stored one tensor per expert and
-    fused on loading) apply to its precomputed model type as well."""
+    """The family's checkpoint conversions that combine tensors (Mixtral's experts, stored one
+    tensor per expert and fused on loading) apply to its precomputed model type as well."""
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
+    from transformers.core_model_loading import WeightConverter
 
     mapping = get_checkpoint_conversion_mapping(model_type)
-    if mapping:
+    # Only where transformers combines tensors (`checkpoint.as_saved` splits them again on
+    # convert): a folder keeps renamed weights under the model's own names, as convert writes.
+    if mapping and any(isinstance(t, WeightConverter) for t in mapping):
         register_checkpoint_conversion_mapping(
             precomputed_model_type(model_type), mapping, overwrite=True
         )
