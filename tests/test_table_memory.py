@@ -149,7 +149,10 @@ def test_large_table_costs_disk_not_resident_memory(table_dtype, dtype, tmp_path
     table_bytes = 65_536 * 3 * 256 * TABLE_DTYPES[table_dtype].itemsize  # the qkv block
     assert (out / WEIGHTS_FILE).stat().st_size > table_bytes
     before, after = resident_bytes(tmp_path / "original", dtype), resident_bytes(out, dtype)
-    assert after - before < table_bytes / 8, (before, after)
+    # A resident q/k/v block would add at least table_bytes. Measured, the loaded model grows by
+    # 8 to 14% of it (4-16 MB here: the rows looked up, the scales, the residual block's pages),
+    # so the bound is a quarter, not a closer fit that a busy machine breaks.
+    assert after - before < table_bytes / 4, (before, after)
 
 
 def test_a_mapped_file_truncated_or_replaced_underneath_gives_a_clear_error(tmp_path):
