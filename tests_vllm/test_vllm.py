@@ -57,6 +57,22 @@ def test_plugin_is_an_entry_point_and_registers_every_family():
         assert architecture(model_type) in ModelRegistry.get_supported_archs()
 
 
+def test_a_fresh_interpreter_finds_the_precomputed_class_by_entry_point(
+    inspect_model_classes_in_this_process,
+):
+    """What `vllm serve` does for an architecture it has not seen: load the general plugins in a
+    fresh interpreter and inspect the class there (the suite does it in process, see conftest)."""
+    from vllm.model_executor.models import registry
+
+    from firstlayer.vllm.models import architecture
+
+    name = architecture("llama")
+    model = registry.ModelRegistry.models[name]
+    in_subprocess = inspect_model_classes_in_this_process  # vLLM's own route
+    info = in_subprocess(lambda: registry._ModelInfo.from_model_cls(model.load_model_cls()))
+    assert info.architecture == name and info.is_text_generation_model
+
+
 @pytest.fixture(scope="module")
 def folders(workdir) -> dict[str, tuple[Path, Path]]:
     return {case.id: original_and_converted(case, workdir) for case in CASES}
