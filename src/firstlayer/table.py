@@ -248,3 +248,22 @@ def encode_rows(
     if dtype == torch.int8:
         return quantize_int8(rows, ranges)
     return rows.to(dtype), None
+
+
+def empty_blocks(
+    record: dict, layout: Layout, vocab_size: int, model_dtype: torch.dtype, device: Any = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Zero blocks (and int8 scales) of a recorded table, for a loader to fill: every block in
+    its stored dtype, so that loading casts nothing, but a serial row's residual block (the
+    embedding and tied LM head), which is in the model's."""
+    stored = {"residual": record.get("residual_dtype", record["dtype"]), "qkv": record["dtype"]}
+    widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
+    blocks, scales = {}, {}
+    for block in BLOCKS:
+        keeps_model_dtype = block == "residual" and not layout.is_parallel
+        dtype = model_dtype if keeps_model_dtype else TABLE_DTYPES[stored[block]]
+        blocks[block] = torch.zeros(vocab_size, widths[block], dtype=dtype, device=device)
+        if dtype == torch.int8:
+            width = len(segments(layout, block))
+            scales[block] = torch.zeros(vocab_size, width, device=device)
+    return blocks, scales

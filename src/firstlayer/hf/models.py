@@ -26,7 +26,7 @@ from torch import nn
 from firstlayer import runtime
 from firstlayer.errors import FirstLayerError
 from firstlayer.runtime import TableEmbedding, family_config, parts_of, patch
-from firstlayer.table import BLOCKS, TABLE_DTYPES, Layout, segments, table_layout
+from firstlayer.table import Layout, empty_blocks, table_layout
 
 PRECOMPUTED_PREFIX = "firstlayer_"
 
@@ -116,23 +116,11 @@ def install_empty_table(model: nn.Module) -> None:
             "the folder was edited; convert the source again"
         )
     weight = model.get_submodule(parts.embedding).weight  # (V, D)
-    table = record["table"]
-    stored = {"residual": table.get("residual_dtype", table["dtype"]), "qkv": table["dtype"]}
-    widths = {"residual": layout.hidden_size, "qkv": layout.qkv_width}
-    blocks, scales = {}, {}
-    for block in BLOCKS:
-        # Every block but a serial model's residual (its embedding and tied LM head) in its
-        # stored dtype: the loader then casts nothing, so it reads none of the table's pages
-        # (`checkpoint.map_table` maps them after loading).
-        is_int8 = stored[block] == "int8"
-        keeps_model_dtype = block == "residual" and not layout.is_parallel
-        dtype = weight.dtype if keeps_model_dtype else TABLE_DTYPES[stored[block]]
-        blocks[block] = torch.zeros(
-            weight.shape[0], widths[block], dtype=dtype, device=weight.device
-        )
-        if is_int8:
-            ranges = segments(layout, block)
-            scales[block] = torch.zeros(weight.shape[0], len(ranges), device=weight.device)
+    # In their stored dtypes: the loader then casts nothing, so it reads none of the table's
+    # pages (`checkpoint.map_table` maps them after loading).
+    blocks, scales = empty_blocks(
+        record["table"], layout, weight.shape[0], weight.dtype, weight.device
+    )
     reads_table = bool(record["lm_head"]["reads_table"])
     patch(
         model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, weight.dtype
