@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # Set before vLLM is imported: caches out of $HOME, engine core in this process, both cores.
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
@@ -66,8 +69,6 @@ class Result:
 
 def prompts(count: int = 6, vocab_size: int = 256, seed: int = 1) -> list[list[int]]:
     """Token id prompts of mixed lengths (3 to 17), one batch."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     lengths = (3, 1, 17, 8, 5, 12)[:count]
     return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
@@ -121,12 +122,25 @@ def close(llm: Any) -> None:
     del llm
 
 
-def greedy(folder: Path, token_prompts: list[list[int]], run: Run = Run(), max_tokens=32) -> Result:
-    """Greedy tokens and their logprobs for every prompt, in one batch."""
+def greedy(
+    folder: Path, token_prompts: list[list[int]], run: Run = Run(), max_tokens=32, **overrides
+) -> Result:
+    """Greedy tokens and their logprobs for every prompt, in one batch; an engine runs each
+    folder, configuration and batch once per session (tests compare the stored results)."""
+    key = (folder, run, json.dumps(token_prompts), max_tokens, json.dumps(overrides))
+    if key not in RESULTS:
+        RESULTS[key] = run_greedy(folder, token_prompts, run, max_tokens, **overrides)
+    return RESULTS[key]
+
+
+RESULTS: dict[tuple, Result] = {}
+
+
+def run_greedy(folder: Path, token_prompts: list[list[int]], run: Run, max_tokens, **overrides):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = engine(folder, run)
+    llm = engine(folder, run, **overrides)
     try:
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in token_prompts],
@@ -164,3 +178,31 @@ def original_and_converted(family: Any, root: Path) -> tuple[Path, Path]:
     original = root / f"{family.id}-original"
     model.save_pretrained(original)
     return original, convert(model, root / f"{family.id}-precomputed")
+
+
+def dequantized_copy(folder: Path, out: Path) -> Path:
+    """A converted folder with an int8 table, rewritten with that table dequantized into float32
+    (the values the int8 lookup yields): the same model, read without scales."""
+    from safetensors.torch import load_file, save_file
+
+    from firstlayer.checkpoint import record_weight_files
+    from firstlayer.hf import config_class
+    from firstlayer.table import SCALE_SUFFIX, Layout, dequantize_int8, segments
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    record = config["firstlayer"]
+    layout = Layout.from_dict(record["table"])
+    tensors = load_file(out / "model.safetensors")
+    for block in ("residual", "qkv"):
+        name = f"{record['table']['module']}.{block}"
+        if tensors[name].dtype == torch.int8:
+            scales = tensors.pop(name + SCALE_SUFFIX)
+            ranges = segments(layout, block)
+            tensors[name] = dequantize_int8(tensors[name], scales, ranges, torch.float32)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    record["table"].update(dtype="float32", residual_dtype="float32")
+    record["format_version"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    record_weight_files(out, config_class(record["model_type"]).from_dict(config))
+    return out

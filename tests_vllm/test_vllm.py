@@ -14,6 +14,7 @@ from conftest import (
     Family,
     Run,
     build_tiny,
+    dequantized_copy,
     engine,
     families,
     greedy,
@@ -73,9 +74,42 @@ def test_a_fresh_interpreter_finds_the_precomputed_class_by_entry_point(
     assert info.architecture == name and info.is_text_generation_model
 
 
+# Serial with q, k and v scaled apart (Llama); parallel with an int8 residual block and one fused
+# q/k/v projection that vLLM reorders per kv group (Falcon); through the Transformers backend with
+# q/k/v interleaved per head (GPT-NeoX) and fused by the backend (Phi).
+INT8_CASES = ["llama", "falcon", "gpt_neox", "phi"]
+
+
 @pytest.fixture(scope="module")
-def folders(workdir) -> dict[str, tuple[Path, Path]]:
-    return {case.id: original_and_converted(case, workdir) for case in CASES}
+def built(workdir) -> dict[str, dict[str, Path]]:
+    """Every case's folders, written before any engine starts: vLLM's Transformers backend
+    decorates the transformers classes it builds (GPTNeoXModel then needs a vLLM config to be
+    built), so this process cannot build a family's model after the backend served it."""
+    from firstlayer.checkpoint import convert
+
+    out = {}
+    for case in CASES:
+        model = build_tiny(case)
+        original = workdir / f"{case.id}-original"
+        model.save_pretrained(original)
+        paths = {"original": original, "float32": convert(model, workdir / f"{case.id}-float32")}
+        if case.id in INT8_CASES:
+            int8 = convert(model, workdir / f"{case.id}-int8", table_dtype="int8")
+            paths["int8"] = int8
+            # The same table dequantized into float32: the values the int8 lookup yields.
+            paths["int8 as float32"] = dequantized_copy(int8, workdir / f"{case.id}-int8-as-f32")
+        out[case.id] = paths
+    return out
+
+
+@pytest.fixture(scope="module")
+def folders(built) -> dict[str, tuple[Path, Path]]:
+    return {case_id: (paths["original"], paths["float32"]) for case_id, paths in built.items()}
+
+
+@pytest.fixture(scope="module")
+def int8_folders(built) -> dict[str, tuple[Path, Path]]:
+    return {case: (built[case]["int8"], built[case]["int8 as float32"]) for case in INT8_CASES}
 
 
 @pytest.mark.parametrize("case_id", list(CASE))
@@ -144,6 +178,50 @@ def test_two_ranks_equal_the_original_on_two_ranks(workdir, case_id):
     got = greedy(precomputed, prompts(), two_ranks)
     assert got.tokens == expected.tokens
     assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+@pytest.mark.parametrize("case_id", INT8_CASES)
+def test_int8_table_reads_as_its_dequantized_float32_table(int8_folders, case_id):
+    """Each rank dequantizes its own columns with their row's scale of their segment."""
+    int8, as_float32 = int8_folders[case_id]
+    assert json.loads((int8 / "config.json").read_text())["firstlayer"]["table"]["dtype"] == "int8"
+    expected = greedy(as_float32, prompts())
+    got = greedy(int8, prompts())
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+def test_int8_table_on_two_ranks(workdir):
+    """Two ranks of a GQA model: each holds its own int8 columns and their segment numbers."""
+    from firstlayer.checkpoint import convert
+
+    model = build_tiny(TP_CASES["gqa"])
+    int8 = convert(model, workdir / "gqa-int8", table_dtype="int8")
+    as_float32 = dequantized_copy(int8, workdir / "gqa-int8-as-float32")
+    two_ranks = Run(tensor_parallel_size=2)
+    expected = greedy(as_float32, prompts(), two_ranks)
+    got = greedy(int8, prompts(), two_ranks)
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
+# A serial family of vLLM's own with a float32 table, and a parallel one through the
+# Transformers backend with an int8 table.
+@pytest.mark.parametrize("case_id, table_dtype", [("llama", "float32"), ("gpt_neox", "int8")])
+def test_table_in_host_memory_gives_the_same_tokens(folders, int8_folders, case_id, table_dtype):
+    """`hf_overrides={"table_memory": "host"}`: on this CPU-only machine host memory is the
+    device's, so this checks the route (tables built in host memory, rows gathered there), not
+    what it saves on an accelerator (benchmarks/vllm_gpu.py measures that)."""
+    precomputed = folders[case_id][1] if table_dtype == "float32" else int8_folders[case_id][0]
+    expected = greedy(precomputed, prompts())
+    got = greedy(precomputed, prompts(), hf_overrides={"table_memory": "host"})
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) == 0.0
+
+
+def test_an_unknown_table_memory_is_refused(folders):
+    with pytest.raises(Exception, match="table_memory='disk' is not one of device, host"):
+        engine(folders["llama"][1], hf_overrides={"table_memory": "disk"})
 
 
 def rewrite_without(folder: Path, tensor_name: str) -> None:

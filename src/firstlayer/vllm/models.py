@@ -16,11 +16,18 @@ Each rank's columns are found by the family's own loader: the table's q/k/v bloc
 loaded as the weight of a `QKVParallelLinear` shaped like layer 0's projection but with the
 vocabulary as its input, so every family's fusing, per-head reordering (Falcon) and kv-head
 replication over ranks apply unchanged. The loaded weight is then transposed into the
-(vocab, columns) table the lookup reads.
+(vocab, columns) table the lookup reads. An int8 table is loaded the same way, as int8, and a
+second such module loads each column's segment number (q, k or v: which of a row's scales it
+takes), so a rank dequantizes its own columns of the rows it looks up.
+
+Where the table lives (`hf_overrides={"table_memory": ...}`, see `TABLE_MEMORY`): on the device
+with the weights (default), or in host memory, pinned where there is CUDA, each step gathering
+its B rows on the host and copying only those to the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +37,15 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.table import Column, Layout
+from firstlayer.table import (
+    BLOCKS,
+    SCALE_SUFFIX,
+    Column,
+    Layout,
+    dequantize_int8,
+    empty_blocks,
+    segments,
+)
 from firstlayer.vllm.families import (
     NOT_SERVED,
     TRANSFORMERS_BACKEND,
@@ -39,19 +54,63 @@ from firstlayer.vllm.families import (
 )
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
+SEGMENTS = "segment_source"  # likewise for an int8 table's segment number of each column
+
+# Where a precomputed model's table lives in vLLM (`hf_overrides={"table_memory": ...}`):
+#   device  with the weights, on the accelerator (default)
+#   host    in host memory (pinned where there is CUDA): each step copies its B rows over
+TABLE_MEMORY = ("device", "host")
+
+
+def table_memory(vllm_config: Any) -> str:
+    """The placement asked for, refused where it cannot run."""
+    memory = getattr(vllm_config.model_config.hf_config, "table_memory", "device")
+    if memory not in TABLE_MEMORY:
+        raise FirstLayerError(
+            f"hf_overrides table_memory={memory!r} is not one of {', '.join(TABLE_MEMORY)}"
+        )
+    on_accelerator = vllm_config.device_config.device.type != "cpu"
+    if memory == "host" and on_accelerator and not vllm_config.model_config.enforce_eager:
+        raise FirstLayerError(
+            "table_memory='host' looks rows up in host memory at every step, which a CUDA graph "
+            "cannot capture: also pass enforce_eager=True (--enforce-eager)"
+        )
+    return memory
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """A tensor in host memory, page-locked where there is CUDA (copies overlap compute)."""
+    tensor = tensor.cpu()
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
 
 
 class TableRows(nn.Module):
     """The input embedding of a precomputed model in vLLM: token ids -> [x | this rank's q k v]."""
 
-    def __init__(self, residual: nn.Module, source: nn.Module, qkv_name: str, scale: Tensor | None):
+    def __init__(
+        self,
+        residual: nn.Module,
+        source: nn.Module,
+        qkv_name: str,
+        scale: Tensor | None,
+        segment_source: nn.Module | None = None,
+        host: bool = False,
+    ):
         super().__init__()
         self.residual = residual  # the family's own VocabParallelEmbedding, now holding x
         self.qkv_source = nn.Module()
         self.qkv_source.add_module(qkv_name, source)
+        if segment_source is not None:
+            self.segment_source = nn.Module()
+            self.segment_source.add_module(qkv_name, segment_source)
         self.qkv_name = qkv_name
+        self.host = host  # the q/k/v columns stay in host memory
         self.qkv: nn.Parameter | None = None  # (V, columns of this rank), after loading
         self.register_buffer("scale", scale, persistent=False)
+        # int8: (V, segments) float32 scales, and the segment (q, k, v) of each of this rank's
+        # columns, after loading.
+        self.register_buffer("qkv_scale", None, persistent=False)
+        self.register_buffer("column_segment", None, persistent=False)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -61,17 +120,38 @@ class TableRows(nn.Module):
             # (Gemma 2): it reads the residual block, x, as the embedding's weight.
             return getattr(super().__getattr__("residual"), name)
 
-    def take_loaded_columns(self) -> None:
+    def take_loaded_columns(self, qkv_scale: Tensor | None = None) -> None:
         """Turn the loaded (columns, V) weight into the (V, columns) table the lookup reads."""
         source = getattr(self.qkv_source, self.qkv_name)
-        self.qkv = nn.Parameter(source.weight.data.t().contiguous(), requires_grad=False)
+        columns = source.weight.data.t().contiguous()
         del self.qkv_source
+        place = to_host if self.host else (lambda t: t.to(columns.device))
+        self.qkv = nn.Parameter(place(columns), requires_grad=False)
+        if qkv_scale is not None:
+            segment = getattr(self.segment_source, self.qkv_name).weight.data[:, 0]
+            del self.segment_source
+            self.column_segment = place(segment.round().long())
+            self.qkv_scale = place(qkv_scale.float())
+
+    def rows(self, input_ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """This rank's q/k/v columns of the tokens' rows, in `dtype` on the ids' device."""
+        ids = input_ids.to(self.qkv.device)
+        if self.qkv_scale is None:
+            rows = nn.functional.embedding(ids, self.qkv).to(dtype)
+        else:
+            # As `table.dequantize_int8`: the codes times their row's scale of their segment.
+            scales = self.qkv_scale[ids][:, self.column_segment]
+            rows = (self.qkv[ids].float() * scales).to(dtype)
+        if rows.device != input_ids.device:
+            # A table kept in host memory: only these rows cross to the accelerator.
+            rows = to_host(rows).to(input_ids.device, non_blocking=True)
+        return rows
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.residual(input_ids)
         if self.scale is not None:
             x = x * self.scale  # as the family's embed_input_ids scales it (Gemma's sqrt(D))
-        return torch.cat([x, nn.functional.embedding(input_ids, self.qkv)], dim=-1)
+        return torch.cat([x, self.rows(input_ids, x.dtype)], dim=-1)
 
 
 def split_row(hidden_states: Tensor, hidden_size: int) -> tuple[Tensor, Tensor]:
@@ -177,7 +257,9 @@ def vllm_name(model: nn.Module, name: str) -> str:
     return name if mapped is None else mapped.removesuffix(".weight")
 
 
-def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size: int) -> None:
+def install_table(
+    model: nn.Module, family: VllmFamily, record: dict, vocab_size: int, memory: str = "device"
+) -> None:
     """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table."""
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
@@ -198,15 +280,25 @@ def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size
             f"{total_width} output columns, the table {layout.qkv_width}: the "
             "config.json does not describe the table; convert the source again"
         )
-    source = QKVParallelLinear(
-        hidden_size=vocab_size,
-        head_size=projection.head_size,
-        total_num_heads=projection.total_num_heads,
-        total_num_kv_heads=projection.total_num_kv_heads,
-        bias=False,
-        v_head_size=projection.v_head_size,
-        prefix=f"{record['table']['module']}.{SOURCE}.{family.qkv}",
-    )
+    is_int8 = record["table"]["dtype"] == "int8"
+
+    def like_projection(inputs: int, child: str, params_dtype: torch.dtype | None):
+        """A projection shaped like layer 0's, over `inputs`: the family loader shards it."""
+        return QKVParallelLinear(
+            hidden_size=inputs,
+            head_size=projection.head_size,
+            total_num_heads=projection.total_num_heads,
+            total_num_kv_heads=projection.total_num_kv_heads,
+            bias=False,
+            params_dtype=params_dtype,
+            v_head_size=projection.v_head_size,
+            prefix=f"{record['table']['module']}.{child}.{family.qkv}",
+        )
+
+    # In host memory from the start when asked: the table never occupies the accelerator.
+    with torch.device("cpu") if memory == "host" else contextlib.nullcontext():
+        source = like_projection(vocab_size, SOURCE, torch.int8 if is_int8 else None)
+        segment_source = like_projection(1, SEGMENTS, torch.float32) if is_int8 else None
     scale = None
     if family.scale is not None:
         owner, _, buffer = family.scale.rpartition(".")
@@ -215,7 +307,8 @@ def install_table(model: nn.Module, family: VllmFamily, record: dict, vocab_size
         getattr(holder, buffer).fill_(1)  # the family multiplies [x | rows]; TableRows scales x
     embedding_name = vllm_name(model, record["table"]["module"])
     embedding = model.get_submodule(embedding_name)
-    model.set_submodule(embedding_name, TableRows(embedding, source, family.qkv, scale))
+    rows = TableRows(embedding, source, family.qkv, scale, segment_source, memory == "host")
+    model.set_submodule(embedding_name, rows)
 
     attention.set_submodule(family.qkv, RowsAsProjection())
     for name in family.head_norms:
@@ -243,12 +336,12 @@ class PrecomputedForCausalLM:
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             check_folder_files(folder)  # present, this format, files at their recorded sizes
+        memory = table_memory(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
-        refuse_int8_table(config.firstlayer)
         self.hf_config = config
         self.firstlayer_record = config.firstlayer
-        install_table(self, self.family, self.firstlayer_record, config.vocab_size)
+        install_table(self, self.family, self.firstlayer_record, config.vocab_size, memory)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """The family's loader, fed the table under the names of the modules it fills; raises if
@@ -259,36 +352,47 @@ class PrecomputedForCausalLM:
 
         table = vllm_name(self, embedding)  # the name in vLLM's tree, which mappers keep
         arrived = set()
+        int8 = {}  # the int8 blocks' scales, and a parallel row's int8 residual until its scale
 
         def renamed() -> Iterable[tuple[str, Tensor]]:
             for name, tensor in weights:
                 arrived.add(name)
-                if name == f"{embedding}.residual":
+                block = name.removeprefix(f"{embedding}.")
+                if block in (f"residual{SCALE_SUFFIX}", f"qkv{SCALE_SUFFIX}") or (
+                    block == "residual" and tensor.dtype == torch.int8
+                ):
+                    int8[block] = tensor
+                    if {"residual", f"residual{SCALE_SUFFIX}"} <= int8.keys():
+                        # A parallel row's residual block goes into the embedding it replaced,
+                        # in the model's dtype: dequantized once, as the transformers side
+                        # dequantizes the rows it looks up.
+                        codes, scales = int8.pop("residual"), int8.pop(f"residual{SCALE_SUFFIX}")
+                        residual = dequantize_int8(
+                            codes, scales, segments(layout, "residual"), torch.float32
+                        )
+                        yield f"{table}.residual.weight", residual
+                elif block == "residual":
                     yield f"{table}.residual.weight", tensor
-                elif name == f"{embedding}.qkv":
-                    for column in layout.columns:
+                elif block == "qkv":
+                    for index, column in enumerate(layout.columns):
                         start = column.start - layout.hidden_size
                         stop = column.stop - layout.hidden_size
                         projection = column.module.rpartition(".")[2]
                         # The columns as a projection's weight: (outputs, inputs = vocabulary).
                         weight = tensor[:, start:stop].t().contiguous()
                         yield f"{table}.{SOURCE}.{projection}.weight", weight
+                        if tensor.dtype == torch.int8:
+                            # Each column's segment: which of its row's scales it takes.
+                            segment = torch.full((stop - start, 1), float(index))
+                            yield f"{table}.{SEGMENTS}.{projection}.weight", segment
                 else:
                     yield name, tensor
 
         loaded = set(super().load_weights(renamed()))
         refuse_missing(self, self.hf_config, arrived, loaded)
-        self.get_submodule(table).take_loaded_columns()
-        return {n for n in loaded if f".{SOURCE}." not in n} | {f"{table}.qkv"}
-
-
-def refuse_int8_table(record: dict) -> None:
-    """An int8 table carries per-row scales the vLLM models do not apply (yet)."""
-    if record["table"].get("dtype") == "int8":
-        raise FirstLayerError(
-            "this folder's table is int8, which firstlayer's vLLM plugin does not serve yet: "
-            "convert with --table-dtype float32, bfloat16 or float16 for vLLM"
-        )
+        self.get_submodule(table).take_loaded_columns(int8.get(f"qkv{SCALE_SUFFIX}"))
+        internal = (f".{SOURCE}.", f".{SEGMENTS}.")
+        return {n for n in loaded if not any(i in n for i in internal)} | {f"{table}.qkv"}
 
 
 def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
@@ -322,7 +426,7 @@ class PrecomputedTransformersForCausalLM:
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             check_folder_files(folder)
-        refuse_int8_table(vllm_config.model_config.hf_config.firstlayer)
+        memory = table_memory(vllm_config)
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise FirstLayerError(
                 f"vLLM serves {self.model_type} through its Transformers backend, where "
@@ -330,7 +434,7 @@ class PrecomputedTransformersForCausalLM:
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.hf_config = vllm_config.model_config.hf_config
-        patch_transformers_backend(self, self.hf_config)
+        patch_transformers_backend(self, self.hf_config, memory)
 
     @functools.cached_property
     def _from_config_kwargs(self) -> dict[str, Any]:
@@ -389,10 +493,12 @@ def source_config(config: Any, attn_implementation: str) -> Any:
     return plain
 
 
-def patch_transformers_backend(model: nn.Module, config: Any) -> None:
+def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "device") -> None:
     """Patch the backend's transformers model as `firstlayer.runtime.patch` patches a
     transformers model: the adapter's module names, mapped the way the backend maps checkpoint
-    names onto its own tree (`gpt_neox.` -> `model.`)."""
+    names onto its own tree (`gpt_neox.` -> `model.`). The table's blocks are empty, in their
+    stored dtypes, for the backend's loader to fill; with `memory="host"` the ones only the
+    lookup reads are in host memory (`TableEmbedding.host_blocks`)."""
     import dataclasses
 
     from transformers import AutoModelForCausalLM
@@ -429,10 +535,23 @@ def patch_transformers_backend(model: nn.Module, config: Any) -> None:
         columns = (Column(columns[0].module, columns[0].start, columns[-1].stop),)
         fused = model.get_submodule(columns[0].module)
     layout = Layout(recorded.hidden_size, recorded.is_parallel, columns)
-    vocab_size = config.vocab_size
-    blocks = (torch.zeros(vocab_size, width) for width in (layout.hidden_size, layout.qkv_width))
+    model_dtype = torch.get_default_dtype()  # vLLM builds the model under the model's dtype
+    device = "cpu" if memory == "host" else None
+    blocks, scales = empty_blocks(record["table"], recorded, config.vocab_size, model_dtype, device)
+    if memory == "host" and not recorded.is_parallel:
+        # A serial row's residual block is the embedding and tied LM head: with the weights.
+        blocks["residual"] = blocks["residual"].to(torch.empty(0).device)
     reads_table = bool(record["lm_head"]["reads_table"])
-    patch(model, parts, layout, *blocks, reads_table)
+    patch(model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, model_dtype)
+    table = model.get_submodule(parts.embedding)
+    # One scale per row and recorded projection, also where the backend fused the projections.
+    table.ranges = {block: segments(recorded, block) for block in BLOCKS}
+    if memory == "host":
+        host = ("qkv", "residual") if recorded.is_parallel else ("qkv",)
+        names = (*host, *(block + SCALE_SUFFIX for block in host))
+        table.host_blocks = frozenset(n for n in names if getattr(table, n) is not None)
+        for name in table.host_blocks:
+            setattr(table, name, nn.Parameter(to_host(getattr(table, name)), requires_grad=False))
     if fused is not None:
         rows_module = model.get_submodule(columns[0].module)
         rows_module.output_sizes, rows_module.tp_size = fused.output_sizes, fused.tp_size
