@@ -38,11 +38,15 @@ demo: $(STAMP)
 
 # The suite at the newest transformers the range allows and, beside it, the vLLM suite (its own
 # venv): both spend most of their time in single-threaded Python (tiny models, engine start-up),
-# so on 2 cores they run side by side. CI (.ci/run) also runs test-oldest, the suite at the
-# other end of the range.
+# so they run side by side, one core each (vLLM's engines bound to the last core, the main
+# suite's torch on one thread): two processes each spinning two OpenMP threads on two cores slow
+# each other down about twofold. CI (.ci/run) also runs test-oldest, the suite at the other end
+# of the range.
+LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
 test: $(STAMP) $(VLLM_VENV)/.installed
-	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm > .test-vllm.log 2>&1 & vllm=$$!; \
-	$(PY) -m pytest -q; main=$$?; \
+	TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm \
+		> .test-vllm.log 2>&1 & vllm=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q; main=$$?; \
 	wait $$vllm; status=$$?; cat .test-vllm.log; \
 	test $$main -eq 0 && test $$status -eq 0
 

@@ -99,9 +99,11 @@ def engine(folder: Path, run: Run = Run(), **overrides: Any):
     gc.collect()
     gc.freeze()
 
-    # One rank on both cores, or one core per rank (the automatic binding refuses 2 ranks on
-    # this single NUMA node).
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if run.tensor_parallel_size == 2 else "0-1"
+    # One rank on the cores TESTS_VLLM_CPUS names (`make test` gives it one, the main suite
+    # running beside it), or one core per rank (the automatic binding refuses 2 ranks on this
+    # single NUMA node).
+    one_rank = os.environ.get("TESTS_VLLM_CPUS", "0-1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if run.tensor_parallel_size == 2 else one_rank
     settings = dict(
         model=str(folder),
         dtype="float32",
