@@ -41,7 +41,7 @@ def test_reduced_table_is_stored_so_and_verify_reports_its_error(family, table_d
     original = build_tiny(family)
     out = convert(clone(original), tmp_path / "out", table_dtype=table_dtype)
     record = json.loads((out / "config.json").read_text())["firstlayer"]
-    assert record["format_version"] == (3 if table_dtype == "int8" else 2)
+    assert record["format_version"] == (4 if table_dtype == "int8" else 2)
     assert record["table"]["dtype"] == table_dtype
     module = record["table"]["module"]
     stored = TABLE_DTYPES[table_dtype]
@@ -59,6 +59,48 @@ def test_reduced_table_is_stored_so_and_verify_reports_its_error(family, table_d
     assert 0 < table_mean <= table_max
     assert report.baseline_dtype == "bfloat16" and report.passed, report
     assert report.token_agreement > 0.9
+
+
+def test_fused_projections_are_the_adapters_with_one():
+    """The analyser's list of fused q/k/v families (torch-free) is the adapters' own."""
+    from firstlayer.dims import FUSED_QKV
+    from firstlayer.runtime import parts_of
+
+    for family in FAMILIES:
+        parts, _ = parts_of(build_tiny(family))
+        assert (len(parts.projections) == 1) == (family.model_type in FUSED_QKV), family.id
+
+
+def test_a_fused_projection_gets_an_int8_scale_per_head_and_per_row(tmp_path):
+    """GPT-NeoX interleaves q, k and v per head in one projection: no scale may span two of
+    them, so each head's columns get their own; analyze counts the same bytes."""
+    from firstlayer.placement import placements
+    from firstlayer.savings import analyze
+
+    original = build_tiny(PARALLEL)
+    out = convert(clone(original), tmp_path / "out", table_dtype="int8")
+    table = json.loads((out / "config.json").read_text())["firstlayer"]["table"]
+    config = original.config
+    head_size = config.hidden_size // config.num_attention_heads
+    assert table["scale_width"] == head_size
+    with safe_open(out / WEIGHTS_FILE, "pt") as weights:
+        module = table["module"]
+        qkv, qkv_scale = (
+            weights.get_tensor(f"{module}.qkv"),
+            weights.get_tensor(f"{module}.qkv_scale"),
+        )
+        stored = sum(
+            weights.get_tensor(f"{module}.{n}").nbytes
+            for n in ("qkv", "qkv_scale", "residual", "residual_scale")
+        )
+    assert qkv_scale.shape == (config.vocab_size, 3 * config.num_attention_heads)
+    assert qkv.shape[1] == 3 * config.hidden_size
+    int8 = next(
+        p
+        for p in placements(analyze(config.to_dict(), accounting="exact"))
+        if p.table_dtype == "int8"
+    )
+    assert int8.table_bytes == stored
 
 
 def test_a_conversion_past_its_bound_is_refused_unless_accepted(tmp_path, monkeypatch):

@@ -96,6 +96,9 @@ MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "granitemoe", "p
 # Qwen3-MoE's config.json says num_experts and transformers writes num_local_experts: a default
 # under one name in FAMILY_DEFAULTS would hide a value under the other, so it is applied last.
 DEFAULT_EXPERTS = {"qwen3_moe": 128}
+# Families whose q, k and v are one projection (their adapters name one module; a test holds the
+# two lists together).
+FUSED_QKV = ("gpt_neox", "phi3", "falcon", "bloom", "mpt")
 # Families whose attention ignores config.head_dim and always splits d evenly over the heads.
 EVEN_HEADS = ("gpt_neox", "gptj", "falcon", "stablelm", "bloom", "mpt")
 # An unknown family's own default is unknown; True is BLOOM's, MPT's and transformers v4's.
@@ -148,6 +151,11 @@ class ModelDims:
     is_tied: bool  # LM head shares the input embedding
     is_parallel: bool  # attention and FFN both read layer 0's input
     layout: Layout  # biases and norms: what an exact count needs beyond the weight matrices
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k and v are one projection (its int8 table gets a scale per head)."""
+        return self.model_type in FUSED_QKV
 
     @property
     def q_dim(self) -> int:

@@ -11,11 +11,10 @@ from typing import Any
 
 from firstlayer.savings import Analysis, _number, _table
 
-# Bytes per entry of each table dtype; int8 adds one float32 scale per row and projection.
+# Bytes per entry of each table dtype; int8 adds float32 scales per row: one each for q, k and
+# v, or one per head of a fused q/k/v projection (`table.segments`).
 TABLE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4
-# q, k and v each get a scale (a fused or interleaved projection shares one: fewer bytes).
-INT8_SCALES_PER_ROW = 3
 # The model's other weights, as accelerators run them.
 MODEL_DTYPE_BYTES = 2
 
@@ -44,7 +43,8 @@ def placements(analysis: Analysis, model_bytes: int = MODEL_DTYPE_BYTES) -> tupl
     out = []
     for name, size in TABLE_DTYPE_BYTES.items():
         scales = INT8_SCALE_BYTES if name == "int8" else 0
-        table = m.vocab_size * (qkv_width * size + INT8_SCALES_PER_ROW * scales)
+        scales_per_row = m.n_heads + 2 * m.n_kv_heads if m.fused_qkv else 3
+        table = m.vocab_size * (qkv_width * size + scales_per_row * scales)
         if m.is_parallel:
             table += m.vocab_size * (m.d * size + scales)
         device_change = -eliminated - embedding_freed

@@ -41,10 +41,12 @@ from firstlayer.table import (
     table_layout,
 )
 
-# Format 3 added int8 tables (with `*_scale` blocks); a folder whose table is not int8 is
-# written as format 2, which it still is, so that earlier readers keep reading it.
-FORMAT_VERSION = 3
-READABLE_FORMATS = (2, 3)
+# Format 3 added int8 tables (with `*_scale` blocks), format 4 gives a fused q/k/v projection a
+# scale per head (`scale_width`) instead of one for all three: format 3 would be misread, and is
+# refused. A folder whose table is not int8 is written as format 2, which it still is, so that
+# earlier readers keep reading it.
+FORMAT_VERSION = 4
+READABLE_FORMATS = (2, 4)
 # The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
 ROWS_KWARG = "firstlayer_rows"
 # Where the installed transformers does not hand the model's kwargs to layer 0's attention

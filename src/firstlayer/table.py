@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from firstlayer.arch.base import Parts, embed_scale, scale_in
+from firstlayer.dims import model_dims
 
 # Rows per chunk: the work buffers stay a few MB even for 256k-token vocabularies.
 CHUNK_ROWS = 2048
@@ -45,6 +46,10 @@ class Layout:
     hidden_size: int
     is_parallel: bool
     columns: tuple[Column, ...]
+    # A fused q/k/v projection's int8 scales: one per row and head (this many columns, the head
+    # size), so that no scale spans q, k and v however the family orders them; None where q, k
+    # and v are projections of their own, one scale each. Not part of the layout's identity.
+    scale_width: int | None = field(default=None, compare=False)
 
     @property
     def width(self) -> int:
@@ -60,12 +65,15 @@ class Layout:
             "first": "x+mlp" if self.is_parallel else "x",
             "width": self.width,
             "columns": [[c.module, c.start, c.stop] for c in self.columns],
+            **({} if self.scale_width is None else {"scale_width": self.scale_width}),
         }
 
     @classmethod
     def from_dict(cls, record: dict) -> Layout:
         columns = tuple(Column(name, start, stop) for name, start, stop in record["columns"])
-        return cls(record["hidden_size"], record["first"] == "x+mlp", columns)
+        return cls(
+            record["hidden_size"], record["first"] == "x+mlp", columns, record.get("scale_width")
+        )
 
 
 def table_layout(model: nn.Module, parts: Parts, is_parallel: bool) -> Layout:
@@ -75,7 +83,11 @@ def table_layout(model: nn.Module, parts: Parts, is_parallel: bool) -> Layout:
         width = model.get_submodule(name).weight.shape[0]
         columns.append(Column(name, start, start + width))
         start += width
-    return Layout(hidden_size, is_parallel, tuple(columns))
+    scale_width = None
+    if len(columns) == 1:  # q, k and v fused into one projection, in the family's own order
+        scale_width = model_dims(model.config.to_dict()).head_dim
+        assert (start - hidden_size) % scale_width == 0, (start - hidden_size, scale_width)
+    return Layout(hidden_size, is_parallel, tuple(columns), scale_width)
 
 
 class TokenLocal(nn.Module):
@@ -198,12 +210,15 @@ SCALE_SUFFIX = "_scale"
 
 def segments(layout: Layout, block: str) -> tuple[tuple[int, int], ...]:
     """Column ranges of a block that share one int8 scale per row: each projection's columns of
-    the qkv block (a fused or interleaved projection is one range), the whole residual block."""
+    the qkv block (q, k, v), each head's of a fused projection, the whole residual block."""
     if block == "residual":
         return ((0, layout.hidden_size),)
-    return tuple(
-        (c.start - layout.hidden_size, c.stop - layout.hidden_size) for c in layout.columns
-    )
+    ranges = []
+    for column in layout.columns:
+        start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
+        step = layout.scale_width or stop - start
+        ranges += [(i, i + step) for i in range(start, stop, step)]
+    return tuple(ranges)
 
 
 def quantize_int8(rows: Tensor, ranges: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor]:

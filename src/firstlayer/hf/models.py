@@ -109,8 +109,8 @@ def install_empty_table(model: nn.Module) -> None:
     fill (on the meta device under from_pretrained, so it costs nothing)."""
     record = model.config.firstlayer
     parts, parallel = parts_of(model)
-    layout = table_layout(model, parts, parallel)
-    if layout != Layout.from_dict(record["table"]):
+    layout = Layout.from_dict(record["table"])  # as written, with its int8 scale width
+    if layout != table_layout(model, parts, parallel):
         raise FirstLayerError(
             "the table layout in config.json does not match the model the config describes: "
             "the folder was edited; convert the source again"

@@ -374,7 +374,11 @@ class PrecomputedForCausalLM:
                 elif block == "residual":
                     yield f"{table}.residual.weight", tensor
                 elif block == "qkv":
-                    for index, column in enumerate(layout.columns):
+                    # Each column's segment: which of its row's int8 scales it takes.
+                    segment = torch.empty(layout.qkv_width, 1)
+                    for index, (start, stop) in enumerate(segments(layout, "qkv")):
+                        segment[start:stop] = index
+                    for column in layout.columns:
                         start = column.start - layout.hidden_size
                         stop = column.stop - layout.hidden_size
                         projection = column.module.rpartition(".")[2]
@@ -382,9 +386,7 @@ class PrecomputedForCausalLM:
                         weight = tensor[:, start:stop].t().contiguous()
                         yield f"{table}.{SOURCE}.{projection}.weight", weight
                         if tensor.dtype == torch.int8:
-                            # Each column's segment: which of its row's scales it takes.
-                            segment = torch.full((stop - start, 1), float(index))
-                            yield f"{table}.{SEGMENTS}.{projection}.weight", segment
+                            yield f"{table}.{SEGMENTS}.{projection}.weight", segment[start:stop]
                 else:
                     yield name, tensor
 
