@@ -460,7 +460,7 @@ def bench_tables(
     All three are loaded from their folders the same way: on CPU transformers maps every weight
     from the safetensors file too, so the reference is the float32 folder loaded again with only
     its table copied into process memory. Only where the table lives differs (a model kept in
-    process memory whole ran 2-8% faster at batch 16 than any loaded one, table or not)."""
+    process memory whole ran 0.5-8% faster at batch 16 than any loaded one, table or not)."""
     from pathlib import Path
 
     from firstlayer.checkpoint import convert, load
