@@ -260,6 +260,20 @@ def test_a_truncated_file_is_refused(folders, workdir):
         engine(folder)
 
 
+def test_a_format_1_folder_is_refused_not_run(folders, workdir):
+    """Format 1 named the original family's architecture, so vLLM builds its own class and the
+    plugin never sees the folder: vLLM's loader refuses the table's tensors (firstlayer check
+    names the fix). Not intercepted: that would mean replacing vLLM's classes for every model."""
+    folder = workdir / "format-1"
+    shutil.copytree(folders["llama"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    config["firstlayer"]["format_version"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no module or parameter named 'embed_tokens.qkv'"):
+        engine(folder)
+
+
 def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
     from firstlayer.vllm.models import not_served_class
 
