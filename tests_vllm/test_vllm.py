@@ -216,7 +216,7 @@ def test_table_in_host_memory_gives_the_same_tokens(folders, int8_folders, case_
     expected = greedy(precomputed, prompts())
     got = greedy(precomputed, prompts(), hf_overrides={"table_memory": "host"})
     assert got.tokens == expected.tokens
-    assert max_logprob_difference(got, expected) == 0.0
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE  # 0.0 measured
 
 
 def test_an_unknown_table_memory_is_refused(folders):
