@@ -58,13 +58,14 @@ def tiny(model_type: str):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int, **overrides):
+def greedy(
+    folder: Path, prompts: list[list[int]], eager: bool, tp: int, weights_bytes=False, **overrides
+):
     """Greedy tokens and logprobs; with `weights_bytes=True` also the CUDA memory the engine's
     model took (allocated after loading, before the KV cache, which is fixed in size)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    measure = overrides.pop("weights_bytes", False)
     before = torch.cuda.memory_allocated()
     llm = LLM(
         model=str(folder),
@@ -94,7 +95,7 @@ def greedy(folder: Path, prompts: list[list[int]], eager: bool, tp: int, **overr
         [step[t].logprob for step, t in zip(o.outputs[0].logprobs, ts, strict=True)]
         for o, ts in zip(outputs, tokens, strict=True)
     ]
-    return (tokens, logprobs, weights) if measure else (tokens, logprobs)
+    return (tokens, logprobs, weights) if weights_bytes else (tokens, logprobs)
 
 
 def table_placement(root: Path) -> list[dict]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,29 +183,40 @@ def original_and_converted(family: Any, root: Path) -> tuple[Path, Path]:
     return original, convert(model, root / f"{family.id}-precomputed")
 
 
-def dequantized_copy(folder: Path, out: Path) -> Path:
-    """A converted folder with an int8 table, rewritten with that table dequantized into float32
-    (the values the int8 lookup yields): the same model, read without scales."""
+def rewrite_folder(folder: Path, edit: Callable[[dict, dict], None]) -> None:
+    """Rewrite a converted folder's weights and config.json in place, `edit(tensors, config)`,
+    and re-record its file as `save_pretrained` would."""
     from safetensors.torch import load_file, save_file
 
     from firstlayer.checkpoint import record_weight_files
     from firstlayer.hf import config_class
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    config = json.loads((folder / "config.json").read_text())
+    edit(tensors, config)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    record_weight_files(folder, config_class(config["firstlayer"]["model_type"]).from_dict(config))
+
+
+def dequantized_copy(folder: Path, out: Path) -> Path:
+    """A converted folder with an int8 table, rewritten with that table dequantized into float32
+    (the values the int8 lookup yields): the same model, read without scales."""
     from firstlayer.table import SCALE_SUFFIX, Layout, dequantize_int8, segments
 
+    def dequantized(tensors: dict, config: dict) -> None:
+        record = config["firstlayer"]
+        layout = Layout.from_dict(record["table"])
+        for block in ("residual", "qkv"):
+            name = f"{record['table']['module']}.{block}"
+            if tensors[name].dtype == torch.int8:
+                scales = tensors.pop(name + SCALE_SUFFIX)
+                ranges = segments(layout, block)
+                tensors[name] = dequantize_int8(tensors[name], scales, ranges, torch.float32)
+        record["table"].update(dtype="float32", residual_dtype="float32")
+        record["format_version"] = 2
+
     shutil.copytree(folder, out)
-    config = json.loads((out / "config.json").read_text())
-    record = config["firstlayer"]
-    layout = Layout.from_dict(record["table"])
-    tensors = load_file(out / "model.safetensors")
-    for block in ("residual", "qkv"):
-        name = f"{record['table']['module']}.{block}"
-        if tensors[name].dtype == torch.int8:
-            scales = tensors.pop(name + SCALE_SUFFIX)
-            ranges = segments(layout, block)
-            tensors[name] = dequantize_int8(tensors[name], scales, ranges, torch.float32)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    record["table"].update(dtype="float32", residual_dtype="float32")
-    record["format_version"] = 2
-    (out / "config.json").write_text(json.dumps(config))
-    record_weight_files(out, config_class(record["model_type"]).from_dict(config))
+    rewrite_folder(out, dequantized)
     return out

@@ -21,6 +21,7 @@ from conftest import (
     max_logprob_difference,
     original_and_converted,
     prompts,
+    rewrite_folder,
     widened,
 )
 
@@ -226,17 +227,7 @@ def test_an_unknown_table_memory_is_refused(folders):
 
 def rewrite_without(folder: Path, tensor_name: str) -> None:
     """Drop one tensor from a converted folder and re-record the file, as a careless edit would."""
-    from safetensors.torch import load_file, save_file
-
-    from firstlayer.checkpoint import record_weight_files
-    from firstlayer.hf import config_class
-
-    weights = folder / "model.safetensors"
-    tensors = load_file(weights)
-    del tensors[tensor_name]
-    save_file(tensors, weights, metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    record_weight_files(folder, config_class(config["firstlayer"]["model_type"]).from_dict(config))
+    rewrite_folder(folder, lambda tensors, config: tensors.pop(tensor_name))
 
 
 @pytest.mark.parametrize(

@@ -374,10 +374,7 @@ class PrecomputedForCausalLM:
                 elif block == "residual":
                     yield f"{table}.residual.weight", tensor
                 elif block == "qkv":
-                    # Each column's segment: which of its row's int8 scales it takes.
-                    segment = torch.empty(layout.qkv_width, 1)
-                    for index, (start, stop) in enumerate(segments(layout, "qkv")):
-                        segment[start:stop] = index
+                    segment = column_segments(layout) if tensor.dtype == torch.int8 else None
                     for column in layout.columns:
                         start = column.start - layout.hidden_size
                         stop = column.stop - layout.hidden_size
@@ -385,7 +382,7 @@ class PrecomputedForCausalLM:
                         # The columns as a projection's weight: (outputs, inputs = vocabulary).
                         weight = tensor[:, start:stop].t().contiguous()
                         yield f"{table}.{SOURCE}.{projection}.weight", weight
-                        if tensor.dtype == torch.int8:
+                        if segment is not None:
                             yield f"{table}.{SEGMENTS}.{projection}.weight", segment[start:stop]
                 else:
                     yield name, tensor
@@ -395,6 +392,14 @@ class PrecomputedForCausalLM:
         self.get_submodule(table).take_loaded_columns(int8.get(f"qkv{SCALE_SUFFIX}"))
         internal = (f".{SOURCE}.", f".{SEGMENTS}.")
         return {n for n in loaded if not any(i in n for i in internal)} | {f"{table}.qkv"}
+
+
+def column_segments(layout: Layout) -> Tensor:
+    """Each q/k/v column's segment, (columns, 1): which of its row's int8 scales it takes."""
+    segment = torch.empty(layout.qkv_width, 1)
+    for index, (start, stop) in enumerate(segments(layout, "qkv")):
+        segment[start:stop] = index
+    return segment
 
 
 def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
