@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 VOCAB = 262_144
-IMPORTS = "import torch, transformers, firstlayer.checkpoint, firstlayer.loading, firstlayer.cli"
+IMPORTS = "import torch, transformers, firstlayer.conversion, firstlayer.hf.loading, firstlayer.cli"
 
 
 def peak_rss_mib(argv: list[str]) -> float:

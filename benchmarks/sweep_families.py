@@ -35,12 +35,12 @@ def sweep(batches: list[int]) -> list[dict]:
     from conftest import FAMILIES
     from transformers import AutoModelForCausalLM
 
-    from firstlayer.arch import adapter_for
-    from firstlayer.bench import bench
+    from firstlayer.families import family_of
+    from firstlayer.tools.bench import bench
 
     rows = []
     for family in FAMILIES:
-        settings = {**adapter_for(family.model_type).tiny, **family.extra}
+        settings = {**family_of(family.model_type).tiny, **family.extra}
         settings.update(
             {
                 k: v

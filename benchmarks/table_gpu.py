@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from firstlayer.checkpoint import TABLE_MEMORY, load
-from firstlayer.streaming import convert_source
+from firstlayer.conversion import convert_source
+from firstlayer.hf.loading import load
+from firstlayer.table.lookup import TABLE_MEMORY
 
 MIB = 2**20
 

@@ -28,8 +28,8 @@ TABLE_DTYPES = ("float32", "bfloat16", "float16", "int8")
 MIB = 2**20
 RESIDENT = """
 import sys, torch
-from firstlayer.checkpoint import load
-from firstlayer.loading import load_source
+from firstlayer.hf.loading import load
+from firstlayer.hf.loading import load_source
 path, precomputed = sys.argv[1], sys.argv[2] == "1"
 model = load(path) if precomputed else load_source(path, dtype=torch.float32).model
 prompt = (torch.arange(8) * 997 % model.config.vocab_size)[None]
@@ -71,7 +71,7 @@ def gemma3_270m_shaped(folder: Path) -> None:
 
 
 def table_bytes(folder: Path) -> int:
-    from firstlayer.checkpoint import read_record, weight_files_of
+    from firstlayer.folder import read_record, weight_files_of
     from firstlayer.safetensors_io import read_header
 
     module = read_record(folder)["table"]["module"]
@@ -87,10 +87,9 @@ def table_bytes(folder: Path) -> int:
 def measure(name: str, source: str, tmp: Path, table_dtypes: tuple[str, ...]) -> list[dict]:
     import torch
 
-    from firstlayer.checkpoint import load
-    from firstlayer.loading import disk_bytes, load_source
-    from firstlayer.streaming import convert_source
-    from firstlayer.verify import verify
+    from firstlayer.conversion import convert_source
+    from firstlayer.hf.loading import disk_bytes, load, load_source
+    from firstlayer.tools.verify import verify
 
     original = load_source(source, dtype=torch.float32)
     original_rss = resident_mib(source, precomputed=False)

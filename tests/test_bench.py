@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import FAMILIES, build_tiny, clone
 
-from firstlayer.bench import (
+from firstlayer.analysis.savings import analyze
+from firstlayer.cli import main
+from firstlayer.conversion import precompute
+from firstlayer.tools.bench import (
     DecodeLoop,
     Spread,
     bench,
@@ -19,9 +22,6 @@ from firstlayer.bench import (
     time_pair,
     toy_width,
 )
-from firstlayer.cli import main
-from firstlayer.runtime import precompute
-from firstlayer.savings import analyze
 
 WARM_UP_SECONDS = 0.3
 

@@ -10,9 +10,11 @@ from conftest import FAMILIES, build_tiny, clone, left_padded_batch
 from safetensors import safe_open
 
 from firstlayer import precompute
-from firstlayer.checkpoint import WEIGHTS_FILE, convert, load, save
+from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, verify
+from firstlayer.folder import WEIGHTS_FILE
+from firstlayer.hf.loading import load, save
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE, verify
 
 
 def test_convert_then_load_matches_original(tiny, tmp_path):
@@ -80,11 +82,12 @@ def test_same_input_gives_byte_identical_output(tmp_path):
 
 
 def test_chunked_table_covers_every_row_once(monkeypatch):
-    import firstlayer.table
+    import firstlayer.table.build
 
     family = next(f for f in FAMILIES if f.id == "gpt_neox")
     whole = precompute(build_tiny(family)).get_input_embeddings().table()
-    monkeypatch.setattr(firstlayer.table, "CHUNK_ROWS", 7)  # 256 rows: 36 chunks and a ragged end
+    # 256 rows: 36 chunks and a ragged end
+    monkeypatch.setattr(firstlayer.table.build, "CHUNK_ROWS", 7)
     chunked = precompute(build_tiny(family)).get_input_embeddings().table()
     # Matmuls over 7 rows may sum in another order than over 256: equal to rounding, not bits.
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
@@ -94,7 +97,7 @@ def test_bfloat16_conversion_is_closer_than_the_original_in_bfloat16(tiny, tmp_p
     """Where the models differ, layer 0, the table is at least as close to float32 as the
     original's own bf16 arithmetic, entry by entry; end to end both carry the other layers'
     bf16 rounding and verify reports both errors."""
-    from firstlayer.verify import REDUCED_PRECISION_LOGIT_FACTOR
+    from firstlayer.tools.verify import REDUCED_PRECISION_LOGIT_FACTOR
 
     original = tiny
     model = load(convert(clone(original), tmp_path / "bf16", dtype="bfloat16"))

@@ -94,14 +94,16 @@ def test_generate_samples_reproducibly_with_a_seed(smollm2_converted, capsys):
 
 @pytest.mark.slow
 def test_demo_converts_verifies_and_answers_side_by_side(smollm2, monkeypatch, tmp_path, capsys):
-    import firstlayer.demo
-    from firstlayer.loading import Loaded
-    from firstlayer.sources import resolve_source
+    import firstlayer.tools.demo
+    from firstlayer.analysis.sources import resolve_source
+    from firstlayer.hf.loading import Loaded
 
     model, tokenizer = smollm2  # the session's copy, not a second dequantisation
-    monkeypatch.setattr(
-        firstlayer.demo, "load_source", lambda spec: Loaded(model, tokenizer, resolve_source(spec))
-    )
+
+    def loaded(spec: str) -> Loaded:
+        return Loaded(model, tokenizer, resolve_source(spec))
+
+    monkeypatch.setattr(firstlayer.tools.demo, "load_source", loaded)
     assert main(["demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "16"]) == 0
     text = capsys.readouterr().out
     assert "PASS" in text and "the two answers are identical" in text

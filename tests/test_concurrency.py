@@ -15,7 +15,7 @@ from conftest import FAMILIES, build_tiny, clone
 
 from firstlayer import precompute
 from firstlayer.errors import FirstLayerError
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE
 
 THREADS = 8
 CALLS_PER_THREAD = 6

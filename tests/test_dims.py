@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from firstlayer.dims import FAMILY_DEFAULTS, ModelDims, is_parallel, model_dims
+from firstlayer.analysis.dims import ModelDims, is_parallel, model_dims
 from firstlayer.errors import FirstLayerError
+from firstlayer.families import SUPPORTED_TYPES, family_of
+
+# Each declaration's config defaults, by model type.
+FAMILY_DEFAULTS = {t: family_of(t).defaults[t] for t in SUPPORTED_TYPES}
 
 TINY = dict(
     hidden_size=64,
@@ -50,7 +54,7 @@ def test_falcon_new_decoder_architecture_uses_num_kv_heads_and_two_norms():
             parallel_attn=False,
         )
     )
-    assert (m.n_kv_heads, m.attention, m.is_parallel, m.layout.has_mlp_norm) == (
+    assert (m.n_kv_heads, m.attention, m.is_parallel, m.extras.has_mlp_norm) == (
         2,
         "GQA",
         True,
@@ -82,7 +86,7 @@ def test_mixtral_experts_and_top_k():
 def test_gptj_reads_its_own_field_names():
     m = model_dims(dict(model_type="gptj", n_embd=64, n_layer=3, n_head=4, vocab_size=256))
     assert (m.d, m.n_layers, m.n_heads, m.ffn_hidden) == (64, 3, 4, 256)
-    assert m.is_parallel and m.layout.lm_head_bias
+    assert m.is_parallel and m.extras.lm_head_bias
 
 
 @pytest.mark.parametrize(
@@ -140,7 +144,7 @@ def test_absolute_position_families_are_refused_with_the_reason(model_type):
 
 def test_alibi_families_are_not_refused():
     m = model_dims(dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=256))
-    assert (m.d, m.ffn_hidden, m.ffn_matrices, m.layout.is_known) == (64, 256, 2, True)
+    assert (m.d, m.ffn_hidden, m.ffn_matrices, m.extras.is_known) == (64, 256, 2, True)
     assert model_dims(dict(model_type="falcon", alibi=True, **TINY)).is_parallel
 
 
@@ -175,7 +179,7 @@ def test_unknown_family_falls_back_to_generic_names_and_serial():
         )
     )
     assert (m.d, m.ffn_hidden, m.ffn_matrices, m.is_parallel) == (64, 256, 3, False)
-    assert not m.layout.is_known
+    assert not m.extras.is_known
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_DEFAULTS))

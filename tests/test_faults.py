@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import FAMILIES, build_tiny
 
-from firstlayer.checkpoint import WEIGHTS_FILE, check, convert, load
 from firstlayer.cli import main
+from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
+from firstlayer.folder import WEIGHTS_FILE, check
+from firstlayer.hf.loading import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +151,7 @@ def test_corrupted_safetensors_source(damage, llama_folder, tmp_path, capsys):
 
 
 def test_truncated_gguf(tmp_path, capsys):
-    from firstlayer.sources import default_gguf_path
+    from firstlayer.analysis.sources import default_gguf_path
 
     data = default_gguf_path().read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
@@ -173,8 +175,8 @@ def test_weights_whose_shapes_disagree_with_the_config(llama_folder, tmp_path, c
 
 
 def test_tokenizer_and_embedding_of_different_vocabularies(llama_folder, tmp_path, capsys):
-    from firstlayer.loading import load_tokenizer
-    from firstlayer.sources import default_gguf_path
+    from firstlayer.analysis.sources import default_gguf_path
+    from firstlayer.hf.loading import load_tokenizer
 
     gguf = default_gguf_path()
     tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)  # 49,152 tokens; the model: 256
@@ -243,11 +245,11 @@ def test_failed_forced_conversion_keeps_the_old_output(converted, tmp_path):
 KILLED_CONVERSION = textwrap.dedent(
     """
     import sys, time
-    import firstlayer.table
+    import firstlayer.table.build
     from transformers import AutoModelForCausalLM
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
-    firstlayer.table.CHUNK_ROWS = 4  # many small chunks, so that the kill lands mid-way
+    firstlayer.table.build.CHUNK_ROWS = 4  # many small chunks, so that the kill lands mid-way
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 
     def slowly(done, total):

@@ -11,9 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
+from firstlayer.analysis.gguf_header import MAX_LISTED, read_gguf_header
+from firstlayer.analysis.sources import default_gguf_path
 from firstlayer.errors import FirstLayerError
-from firstlayer.gguf_header import MAX_LISTED, read_gguf_header
-from firstlayer.sources import default_gguf_path
 
 
 def reader_view(path: Path) -> tuple[dict[str, Any], dict[str, int], dict[str, tuple[int, ...]]]:

@@ -8,7 +8,7 @@ from conftest import FAMILIES, build_tiny, clone, left_padded_batch
 
 from firstlayer import precompute
 from firstlayer.errors import FirstLayerError
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE
 
 NEW_TOKENS = 32
 
@@ -112,7 +112,7 @@ def test_inputs_embeds_are_refused_with_a_clear_error(tiny):
 def test_token_ids_outside_the_vocabulary_are_refused(tiny):
     model = precompute(tiny)
     vocab_size = model.config.vocab_size
-    with pytest.raises(ValueError, match=f"token id {vocab_size} is outside the vocabulary of "):
+    with pytest.raises(ValueError, match=f"token id {vocab_size} is outside the vocabulary"):
         model(input_ids=torch.tensor([[1, vocab_size]]))
     with pytest.raises(ValueError, match="token id -1 is outside"):
         model(input_ids=torch.tensor([[-1, 2]]))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from firstlayer.dims import model_dims
-from firstlayer.savings import DEFAULT_BATCHES, analyze, analyze_specs
-from firstlayer.sources import PRESETS
+from firstlayer.analysis.dims import model_dims
+from firstlayer.analysis.savings import DEFAULT_BATCHES, analyze, analyze_specs
+from firstlayer.analysis.sources import PRESETS
 
 TINY = dict(
     hidden_size=64,
@@ -153,7 +153,7 @@ def test_exact_total_weights_match_transformers(tiny_models, case):
     model = tiny_models[case]
     analysis = analyze(model.config.to_dict(), "exact")
     assert analysis.total_weights == sum(p.numel() for p in model.parameters())
-    assert analysis.dims.layout.is_known
+    assert analysis.dims.extras.is_known
 
 
 @pytest.mark.parametrize("case", CASES)

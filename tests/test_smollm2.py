@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firstlayer.checkpoint import load
-from firstlayer.generation import generate_text
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, prompt_batch, verify
+from firstlayer.hf.loading import load
+from firstlayer.tools.generation import generate_text
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE, prompt_batch, verify
 
 pytestmark = pytest.mark.slow
 

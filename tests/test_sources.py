@@ -9,9 +9,9 @@ import gguf
 import numpy as np
 import pytest
 
-from firstlayer.dims import model_dims
+from firstlayer.analysis.dims import model_dims
+from firstlayer.analysis.sources import PRESETS, default_gguf_path, resolve_source
 from firstlayer.errors import FirstLayerError
-from firstlayer.sources import PRESETS, default_gguf_path, resolve_source
 
 
 def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[int, ...]], **meta: int) -> Path:
@@ -90,7 +90,7 @@ def test_tiny_gguf_falcon_new_decoder_and_gptneox(tmp_path):
         kv_heads=2,
     )
     m = model_dims(resolve_source(str(falcon)).config)
-    assert (m.model_type, m.n_kv_heads, m.is_parallel, m.layout.has_mlp_norm) == (
+    assert (m.model_type, m.n_kv_heads, m.is_parallel, m.extras.has_mlp_norm) == (
         "falcon",
         2,
         True,
@@ -104,7 +104,7 @@ def test_tiny_gguf_falcon_new_decoder_and_gptneox(tmp_path):
         kv_heads=2,
     )
     m = model_dims(resolve_source(str(neox)).config)
-    assert (m.model_type, m.is_parallel, m.layout.qkv_bias, m.is_tied) == (
+    assert (m.model_type, m.is_parallel, m.extras.qkv_bias, m.is_tied) == (
         "gpt_neox",
         True,
         True,

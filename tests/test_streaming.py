@@ -13,11 +13,12 @@ import torch
 from conftest import FAMILIES, build_tiny
 from safetensors.torch import save_file
 
-import firstlayer.table
-from firstlayer.checkpoint import INDEX_NAME, check, convert
+import firstlayer.table.build
 from firstlayer.cli import main
+from firstlayer.conversion import NeedsLoading, convert, convert_checkpoint, convert_source
 from firstlayer.errors import FirstLayerError
-from firstlayer.streaming import NeedsLoading, convert_folder, convert_source
+from firstlayer.folder import check
+from firstlayer.safetensors_io import INDEX_NAME
 
 # These MoE checkpoints store their experts one by one; transformers fuses them when it loads.
 FUSED_ON_LOADING = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe")
@@ -48,7 +49,7 @@ def test_out_of_core_output_is_the_in_memory_output_byte_for_byte(case, dtype, t
     assert len(json.loads((source / INDEX_NAME).read_text())["weight_map"]) > 0
     loaded = AutoModelForCausalLM.from_pretrained(source)
     in_memory = convert(loaded, tmp_path / "in_memory", dtype=dtype, max_shard_size="30KB")
-    streamed = convert_folder(source, tmp_path / "streamed", dtype=dtype, max_shard_size="30KB")
+    streamed = convert_checkpoint(source, tmp_path / "streamed", dtype=dtype, max_shard_size="30KB")
     assert len(list(streamed.glob("*.safetensors"))) > 2
     assert same_files(in_memory, streamed) == []
     check(streamed)
@@ -57,29 +58,29 @@ def test_out_of_core_output_is_the_in_memory_output_byte_for_byte(case, dtype, t
 def test_checkpoints_transformers_fuses_on_loading_are_loaded_first(tmp_path):
     source = saved("mixtral", tmp_path / "source")
     with pytest.raises(NeedsLoading):
-        convert_folder(source, tmp_path / "out")
+        convert_checkpoint(source, tmp_path / "out")
     out, how = convert_source(str(source), tmp_path / "out")
     assert how == "loaded in memory" and (out / "config.json").is_file()
 
 
 def test_self_check_catches_a_corrupted_row(tmp_path, monkeypatch):
     source = saved("qwen3", tmp_path / "source")
-    qkv = firstlayer.table.TokenLocal.qkv
+    qkv = firstlayer.table.build.TokenLocal.qkv
 
     def one_row_off(self, ids):
         rows = qkv(self, ids).clone()
         rows[ids == 77, 5] += 0.25  # a bug that touches one entry of one row
         return rows
 
-    monkeypatch.setattr(firstlayer.table.TokenLocal, "qkv", one_row_off)
+    monkeypatch.setattr(firstlayer.table.build.TokenLocal, "qkv", one_row_off)
     with pytest.raises(FirstLayerError, match="self-check failed: .*token id 77, column 69"):
-        convert_folder(source, tmp_path / "out")
+        convert_checkpoint(source, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # nothing left
 
 
 def test_verify_rows_reads_back_an_existing_folder(tmp_path, capsys):
     source = saved("gpt_neox", tmp_path / "source")
-    out = convert_folder(source, tmp_path / "out", max_shard_size="30KB")
+    out = convert_checkpoint(source, tmp_path / "out", max_shard_size="30KB")
     assert main(["verify", str(source), str(out), "--rows", "64"]) == 0
     assert "64 table rows read back" in capsys.readouterr().out
     index = json.loads((out / INDEX_NAME).read_text())["weight_map"]
@@ -100,7 +101,7 @@ def test_a_shard_missing_from_the_folder(tmp_path):
     shard = sorted(source.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FirstLayerError, match=f"{shard.name} is missing"):
-        convert_folder(source, tmp_path / "out")
+        convert_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -109,7 +110,7 @@ def test_a_tensor_of_another_shape(tmp_path):
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
     with pytest.raises(FirstLayerError, match="mlp.*is \\[96, 64\\], but config.json makes it"):
-        convert_folder(source, tmp_path / "out")
+        convert_checkpoint(source, tmp_path / "out")
 
 
 def test_a_checkpoint_without_layer_0(tmp_path):
@@ -119,18 +120,18 @@ def test_a_checkpoint_without_layer_0(tmp_path):
     tensors = {k: v.clone() for k, v in model.state_dict().items() if ".layers.0." not in k}
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(FirstLayerError, match="holds no tensor 'model.layers.0."):
-        convert_folder(source, tmp_path / "out")
+        convert_checkpoint(source, tmp_path / "out")
 
 
 DISK_FULL = textwrap.dedent(
     """
     import resource, signal, sys
-    from firstlayer.streaming import convert_folder
+    from firstlayer.conversion import convert_checkpoint
     from firstlayer.errors import FirstLayerError
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail, nothing is killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
     try:
-        convert_folder(sys.argv[1], sys.argv[2], max_shard_size="5GB")
+        convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_size="5GB")
     except OSError as error:
         print("FAILED", error.strerror)
     """
@@ -155,7 +156,7 @@ PEAK_MEMORY = textwrap.dedent(
     """
     import sys
     from transformers import AutoModelForCausalLM  # the imports a conversion needs
-    from firstlayer.streaming import convert_folder
+    from firstlayer.conversion import convert_checkpoint
 
     def status_kib(field):
         for line in open("/proc/self/status"):
@@ -164,7 +165,7 @@ PEAK_MEMORY = textwrap.dedent(
 
     open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
     baseline = status_kib("VmRSS")
-    convert_folder(sys.argv[1], sys.argv[2], max_shard_size="100MB")
+    convert_checkpoint(sys.argv[1], sys.argv[2], max_shard_size="100MB")
     print((status_kib("VmHWM") - baseline) * 1024)
     """
 )

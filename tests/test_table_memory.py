@@ -13,10 +13,17 @@ import torch
 from conftest import FAMILIES, build_tiny, clone, left_padded_batch
 from safetensors import safe_open
 
-from firstlayer.checkpoint import WEIGHTS_FILE, check, convert, load
+from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
-from firstlayer.table import TABLE_DTYPES, dequantize_int8, quantize_int8
-from firstlayer.verify import verify
+from firstlayer.folder import WEIGHTS_FILE, check
+from firstlayer.hf.loading import load
+from firstlayer.table.codec import (
+    TABLE_DTYPES,
+    column_segments,
+    dequantize_int8,
+    quantize_int8,
+)
+from firstlayer.tools.verify import verify
 
 SERIAL, PARALLEL = FAMILIES[0], next(f for f in FAMILIES if f.id == "gpt_neox")
 
@@ -26,7 +33,7 @@ def test_int8_rounds_each_entry_to_half_a_step_of_its_rows_range():
     ranges = ((0, 16), (16, 40), (40, 48))
     codes, scales = quantize_int8(rows, ranges)
     assert codes.dtype == torch.int8 and scales.shape == (64, 3)
-    back = dequantize_int8(codes, scales, ranges, torch.float32)
+    back = dequantize_int8(codes, scales, column_segments(ranges))
     for i, (start, stop) in enumerate(ranges):
         step = rows[:, start:stop].abs().amax(1, keepdim=True) / 127
         assert torch.all((back - rows)[:, start:stop].abs() <= step / 2 * (1 + 1e-5))
@@ -61,21 +68,22 @@ def test_reduced_table_is_stored_so_and_verify_reports_its_error(family, table_d
     assert report.token_agreement > 0.9
 
 
-def test_fused_projections_are_the_adapters_with_one():
-    """The analyser's list of fused q/k/v families (torch-free) is the adapters' own."""
-    from firstlayer.dims import FUSED_QKV
-    from firstlayer.runtime import parts_of
+def test_a_declaration_says_fused_exactly_where_its_parts_name_one_projection():
+    """The analyser reads `is_fused_qkv` (torch-free); the runtime finds the projections."""
+    from firstlayer.families import family_of
+    from firstlayer.hf.patch import parts_of
 
     for family in FAMILIES:
         parts, _ = parts_of(build_tiny(family))
-        assert (len(parts.projections) == 1) == (family.model_type in FUSED_QKV), family.id
+        is_fused = family_of(family.model_type).is_fused_qkv
+        assert (len(parts.projections) == 1) == is_fused, family.id
 
 
 def test_a_fused_projection_gets_an_int8_scale_per_head_and_per_row(tmp_path):
     """GPT-NeoX interleaves q, k and v per head in one projection: no scale may span two of
     them, so each head's columns get their own; analyze counts the same bytes."""
-    from firstlayer.placement import placements
-    from firstlayer.savings import analyze
+    from firstlayer.analysis.placement import placements
+    from firstlayer.analysis.savings import analyze
 
     original = build_tiny(PARALLEL)
     out = convert(clone(original), tmp_path / "out", table_dtype="int8")
@@ -104,9 +112,9 @@ def test_a_fused_projection_gets_an_int8_scale_per_head_and_per_row(tmp_path):
 
 
 def test_a_conversion_past_its_bound_is_refused_unless_accepted(tmp_path, monkeypatch):
-    from firstlayer import rowcheck
+    from firstlayer.conversion import selfcheck
 
-    monkeypatch.setitem(rowcheck.RELATIVE_TOLERANCE, torch.int8, 1e-6)
+    monkeypatch.setitem(selfcheck.RELATIVE_TOLERANCE, torch.int8, 1e-6)
     model = build_tiny(SERIAL)
     with pytest.raises(FirstLayerError, match="self-check failed"):
         convert(clone(model), tmp_path / "refused", table_dtype="int8")
@@ -236,8 +244,8 @@ def test_precompute_keeps_a_serial_tied_lm_head_in_the_models_dtype():
 
 def test_placement_by_table_dtype_is_the_hand_arithmetic():
     """SmolLM2: 49,152 rows of q/k/v 576 + 2 x 192 columns; layer 0 loses 553,536 weights."""
-    from firstlayer.placement import placements
-    from firstlayer.savings import analyze
+    from firstlayer.analysis.placement import placements
+    from firstlayer.analysis.savings import analyze
 
     by_dtype = {p.table_dtype: p for p in placements(analyze("default", accounting="exact"))}
     eliminated = 553_536 * 2  # bfloat16 bytes
@@ -262,8 +270,8 @@ def test_analyze_prints_memory_by_table_dtype_for_accelerator_and_host(capsys):
 
 def test_bench_tables_times_mapped_and_int8_against_the_in_memory_table(tmp_path, capsys):
     """No time is asserted: every variant runs after a warm-up, ratios come per round."""
-    from firstlayer.bench import TABLE_VARIANTS, bench_tables
-    from firstlayer.report import format_table_bench
+    from firstlayer.render.text import format_table_bench
+    from firstlayer.tools.bench import TABLE_VARIANTS, bench_tables
 
     result = bench_tables(build_tiny(SERIAL), tmp_path, batches=(1, 2), new_tokens=3, repeats=3)
     assert [r.batch for r in result.results] == [1, 2]
@@ -280,18 +288,19 @@ def test_bench_tables_times_mapped_and_int8_against_the_in_memory_table(tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("table_dtype", ["float32", "int8"])
 def test_on_cuda_the_table_can_stay_in_host_memory(table_dtype, tmp_path):
-    """Mapped or pinned: the blocks stay on the host, each call copies its rows over; the
-    logits are the CPU model's. `device` puts the table where every weight goes."""
+    """Mapped or host: the blocks stay on the host, each call copies its rows over (the host
+    copy page-locked); the logits are the CPU model's. `device` puts the table where every
+    weight goes."""
     original = build_tiny(PARALLEL)
     out = convert(clone(original), tmp_path / "out", table_dtype=table_dtype)
     batch = left_padded_batch(original.config.vocab_size)
     expected = load(out)(**batch).logits
     on_cuda = {k: v.cuda() for k, v in batch.items()}
-    for memory in ("mapped", "pinned"):
+    for memory in ("mapped", "host"):
         model = load(out, device="cuda", table_memory=memory)
         table = model.get_input_embeddings()
         assert table.qkv.device.type == "cpu" and table.residual.device.type == "cpu"
-        assert table.qkv.is_pinned() == (memory == "pinned")
+        assert table.qkv.is_pinned() == (memory == "host")
         assert (model(**on_cuda).logits.cpu() - expected).abs().max() < 1e-4
         model.generate(**on_cuda, max_new_tokens=4, pad_token_id=0)
     model = load(out, device="cuda", table_memory="device")
@@ -300,11 +309,18 @@ def test_on_cuda_the_table_can_stay_in_host_memory(table_dtype, tmp_path):
 
 
 def test_table_memory_is_one_of_the_named_placements(tmp_path):
-    out = convert(build_tiny(SERIAL), tmp_path / "out")
-    with pytest.raises(FirstLayerError, match="is not one of mapped, pinned, device"):
+    model = build_tiny(SERIAL)
+    out = convert(model, tmp_path / "out")
+    batch = left_padded_batch(model.config.vocab_size)
+    expected = model(**batch).logits
+    with pytest.raises(FirstLayerError, match="is not one of device, host, mapped"):
         load(out, table_memory="disk")
-    if not torch.cuda.is_available():
-        with pytest.raises(FirstLayerError, match="needs a CUDA device"):
-            load(out, table_memory="pinned")
     table = load(out, table_memory="device").get_input_embeddings()
     assert not table.host_blocks and not table.files
+    host = load(out, table_memory="host")
+    table = host.get_input_embeddings()
+    assert table.host_blocks == {"qkv"} and not table.files  # a copy, not the file
+    assert (host(**batch).logits - expected).abs().max() <= 1e-5
+    with pytest.warns(FutureWarning, match="'pinned' is now called 'host'"):
+        renamed = load(out, table_memory="pinned")
+    assert renamed.get_input_embeddings().host_blocks == {"qkv"}

@@ -14,9 +14,12 @@ import torch
 from conftest import FAMILIES, build_tiny, clone, left_padded_batch
 from safetensors import safe_open
 
-from firstlayer.checkpoint import INDEX_NAME, check, convert, load, save
+from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, verify
+from firstlayer.folder import check
+from firstlayer.hf.loading import load, save
+from firstlayer.safetensors_io import INDEX_NAME
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE, verify
 
 # A serial family with a tied LM head, a parallel one, and a tied parallel one (its own route).
 SUBPROCESS_FAMILIES = ("llama", "gpt_neox", "falcon")

@@ -6,9 +6,10 @@ import torch
 from conftest import FAMILIES, build_tiny, clone
 
 from firstlayer import precompute
-from firstlayer.checkpoint import convert, load
-from firstlayer.savings import analyze
-from firstlayer.verify import FLOAT32_LOGIT_TOLERANCE, verify, weights_count
+from firstlayer.analysis.savings import analyze
+from firstlayer.conversion import convert
+from firstlayer.hf.loading import load
+from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE, verify, weights_count
 
 
 def test_measured_parameter_change_equals_exact_analysis(tiny, tmp_path):

@@ -175,7 +175,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def original_and_converted(family: Any, root: Path) -> tuple[Path, Path]:
     """The tiny model saved as itself (what vLLM serves today) and converted by firstlayer."""
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
     model = build_tiny(family)
     original = root / f"{family.id}-original"
@@ -188,7 +188,7 @@ def rewrite_folder(folder: Path, edit: Callable[[dict, dict], None]) -> None:
     and re-record its file as `save_pretrained` would."""
     from safetensors.torch import load_file, save_file
 
-    from firstlayer.checkpoint import record_weight_files
+    from firstlayer.folder import record_weight_files
     from firstlayer.hf import config_class
 
     weights = folder / "model.safetensors"
@@ -203,17 +203,18 @@ def rewrite_folder(folder: Path, edit: Callable[[dict, dict], None]) -> None:
 def dequantized_copy(folder: Path, out: Path) -> Path:
     """A converted folder with an int8 table, rewritten with that table dequantized into float32
     (the values the int8 lookup yields): the same model, read without scales."""
-    from firstlayer.table import SCALE_SUFFIX, Layout, dequantize_int8, segments
+    from firstlayer.table.codec import column_segments, dequantize_int8
+    from firstlayer.table.layout import SCALE_SUFFIX, TableLayout, segments
 
     def dequantized(tensors: dict, config: dict) -> None:
         record = config["firstlayer"]
-        layout = Layout.from_dict(record["table"])
+        layout = TableLayout.from_dict(record["table"])
         for block in ("residual", "qkv"):
             name = f"{record['table']['module']}.{block}"
             if tensors[name].dtype == torch.int8:
                 scales = tensors.pop(name + SCALE_SUFFIX)
-                ranges = segments(layout, block)
-                tensors[name] = dequantize_int8(tensors[name], scales, ranges, torch.float32)
+                segment = column_segments(segments(layout, block))
+                tensors[name] = dequantize_int8(tensors[name], scales, segment)
         record["table"].update(dtype="float32", residual_dtype="float32")
         record["format_version"] = 2
 

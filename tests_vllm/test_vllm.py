@@ -26,7 +26,7 @@ from conftest import (
 )
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.vllm.families import NOT_SERVED, TRANSFORMERS_BACKEND, VLLM_FAMILIES
+from firstlayer.families import SUPPORTED_TYPES, VllmNotServed, family_of
 from firstlayer.vllm.models import served_families
 
 # float32 logprobs of the chosen tokens: eager runs agree to the bit in practice; compiled graphs
@@ -38,24 +38,26 @@ CASES = tuple(widened(f) for f in families.FAMILIES if f.model_type in served_fa
 CASE = {case.id: case for case in CASES}
 
 
-def test_every_family_is_served_and_tested_or_refused_with_a_reason():
-    from firstlayer.arch import SUPPORTED
+def routes(kind: type) -> set[str]:
+    return {t for t in SUPPORTED_TYPES if isinstance(family_of(t).vllm_route(t), kind)}
 
+
+def test_every_family_is_served_and_tested_or_refused_with_a_reason():
     tested = {case.model_type for case in CASES}
-    assert tested == set(VLLM_FAMILIES) | set(TRANSFORMERS_BACKEND) == set(served_families())
-    assert set(SUPPORTED) == tested | set(NOT_SERVED)
-    assert not tested & set(NOT_SERVED)
+    not_served = routes(VllmNotServed)
+    assert tested == set(served_families()) == set(SUPPORTED_TYPES) - not_served
+    assert all(family_of(t).vllm_route(t).reason for t in not_served)
+    assert not tested & not_served
 
 
 def test_plugin_is_an_entry_point_and_registers_every_family():
     from vllm import ModelRegistry
 
-    from firstlayer.arch import SUPPORTED
     from firstlayer.vllm.models import architecture
 
     plugin = next(e for e in entry_points(group="vllm.general_plugins") if e.name == "firstlayer")
     plugin.load()()
-    for model_type in SUPPORTED:
+    for model_type in SUPPORTED_TYPES:
         assert architecture(model_type) in ModelRegistry.get_supported_archs()
 
 
@@ -86,7 +88,7 @@ def built(workdir) -> dict[str, dict[str, Path]]:
     """Every case's folders, written before any engine starts: vLLM's Transformers backend
     decorates the transformers classes it builds (GPTNeoXModel then needs a vLLM config to be
     built), so this process cannot build a family's model after the backend served it."""
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
     out = {}
     for case in CASES:
@@ -126,7 +128,8 @@ def test_greedy_tokens_equal_vllm_on_the_original(folders, case_id):
 
 @pytest.fixture(scope="module")
 def smollm2_folders(smollm2, workdir) -> tuple[Path, Path]:
-    from firstlayer.checkpoint import convert, save_source
+    from firstlayer.conversion import convert
+    from firstlayer.hf.loading import save_source
 
     model, tokenizer = smollm2
     original = save_source(model, workdir / "smollm2-original", tokenizer)
@@ -194,7 +197,7 @@ def test_int8_table_reads_as_its_dequantized_float32_table(int8_folders, case_id
 
 def test_int8_table_on_two_ranks(workdir):
     """Two ranks of a GQA model: each holds its own int8 columns and their segment numbers."""
-    from firstlayer.checkpoint import convert
+    from firstlayer.conversion import convert
 
     model = build_tiny(TP_CASES["gqa"])
     int8 = convert(model, workdir / "gqa-int8", table_dtype="int8")
@@ -273,9 +276,9 @@ def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
 
 
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):
+    from firstlayer.analysis.savings import analyze
     from firstlayer.hf import adopt  # noqa: F401  (registers the precomputed classes)
-    from firstlayer.report import format_engine_bench
-    from firstlayer.savings import analyze
+    from firstlayer.render.text import format_engine_bench
     from firstlayer.vllm.bench import bench_vllm
 
     model = build_tiny(CASE["gptj"])

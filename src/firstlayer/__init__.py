@@ -28,14 +28,14 @@ __all__ = [
 ]
 
 _HOMES = {
-    "analyze": "firstlayer.savings",
-    "precompute": "firstlayer.hf",
-    "convert": "firstlayer.checkpoint",
-    "save": "firstlayer.checkpoint",
-    "check": "firstlayer.checkpoint",
-    "load": "firstlayer.checkpoint",
-    "verify": "firstlayer.verify",
-    "bench": "firstlayer.bench",
+    "analyze": "firstlayer.analysis.savings",
+    "precompute": "firstlayer.conversion",
+    "convert": "firstlayer.conversion",
+    "save": "firstlayer.hf.loading",
+    "check": "firstlayer.folder",
+    "load": "firstlayer.hf.loading",
+    "verify": "firstlayer.tools.verify",
+    "bench": "firstlayer.tools.bench",
     "FirstLayerError": "firstlayer.errors",
 }
 
@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_transformers() -> None:
-    import_module("firstlayer.hf").register()
+    import_module("firstlayer.hf.models").register_with_transformers()
 
 
 class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):

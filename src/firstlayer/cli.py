@@ -98,7 +98,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def dtype_arg(name: str | None) -> Any:
-    from firstlayer.checkpoint import parse_dtype
+    from firstlayer.hf.loading import parse_dtype
 
     return parse_dtype(name)
 
@@ -119,10 +119,11 @@ def add_families(commands: argparse._SubParsersAction) -> None:
 def run_families(args: argparse.Namespace) -> int:
     import json
 
-    from firstlayer.families import FAMILIES, families_markdown, families_text
+    from firstlayer.families import listed_families
+    from firstlayer.render.text import families_markdown, families_text
 
     if args.json:
-        print(json.dumps(list(FAMILIES.values()), indent=2))
+        print(json.dumps(list(listed_families().values()), indent=2))
     else:
         print(families_markdown() if args.markdown else families_text(), end="")
     return 0
@@ -132,6 +133,8 @@ def run_families(args: argparse.Namespace) -> int:
 
 
 def add_analyze(commands: argparse._SubParsersAction) -> None:
+    from firstlayer.analysis.sources import PRESETS  # torch-free
+
     parser = commands.add_parser(
         "analyze",
         help="what precomputing the first layer saves, from the config alone (no torch)",
@@ -142,8 +145,8 @@ def add_analyze(commands: argparse._SubParsersAction) -> None:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="`paper`, `default` (SmolLM2-135M), a preset (pythia-6.9b, mistral-7b, mixtral-8x7b, "
-        "mixtral-8x7b-parallel), a config.json, a model folder or a .gguf file",
+        help=f"`paper`, `default` (SmolLM2-135M), a preset ({', '.join(PRESETS)}), a "
+        "config.json, a model folder or a .gguf file",
     )
     parser.add_argument(
         "--batch", type=int, nargs="+", metavar="B", help="batch sizes (default: 1 16 256 1024)"
@@ -163,12 +166,14 @@ def add_analyze(commands: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     import json
 
-    from firstlayer import placement, savings  # torch-free: analyze answers without torch
+    # torch-free: analyze answers without torch
+    from firstlayer.analysis import placement, savings
+    from firstlayer.render.text import format_placements, format_report
 
     batches = args.batch or savings.DEFAULT_BATCHES
     report = savings.analyze_specs(args.sources, args.accounting, batches)
     if args.plot:
-        from firstlayer.plot import plot_analysis  # matplotlib loads only when asked for
+        from firstlayer.render.plot import plot_analysis  # matplotlib loads only when asked for
 
         plot_analysis(report.models, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
@@ -176,8 +181,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         models = [{**a.as_json(), "table_memory": placement.as_json(a)} for a in report.models]
         print(json.dumps(models, indent=2))
     else:
-        print(savings.format_report(report))
-        print("\n" + placement.format_placements(report.models))
+        print(format_report(report))
+        print("\n" + format_placements(report.models))
     return 0
 
 
@@ -220,35 +225,31 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from firstlayer.streaming import convert_source
+    from firstlayer.conversion import convert_source
 
     checks = []
     with progress_bar("table rows") as update:
         out, how = convert_source(
             args.source,
             args.out,
-            dtype_arg(args.dtype),
-            args.force,
-            update,
-            args.max_shard_size,
-            on_check=checks.append,
+            dtype=dtype_arg(args.dtype),
             table_dtype=args.table_dtype,
+            force=args.force,
+            max_shard_size=args.max_shard_size,
             accept_error=args.accept_error,
+            progress=update,
+            on_check=checks.append,
         )
-    print(f"wrote {out} ({how}): {describe_folder(out)}")
+    print(f"wrote {out} ({how}): {folder_line(out)}")
     print(f"self-check: {checks[0].describe()}")
     return 0
 
 
-def describe_folder(out: Path) -> str:
-    import json
+def folder_line(out: Path) -> str:
+    from firstlayer.folder import read_record
+    from firstlayer.render.text import describe_folder
 
-    record = json.loads((out / "config.json").read_text())["firstlayer"]
-    table = record["table"]
-    return (
-        f"{record['model_type']} ({record['architecture']}), table {table['width']:,} columns "
-        f"in {table['dtype']}, {len(record['eliminated'])} layer-0 modules eliminated"
-    )
+    return describe_folder(read_record(out))
 
 
 def add_verify(commands: argparse._SubParsersAction) -> None:
@@ -272,11 +273,10 @@ def run_verify(args: argparse.Namespace) -> int:
 
     import torch
 
-    from firstlayer.checkpoint import load
-    from firstlayer.loading import disk_bytes, load_source
-    from firstlayer.report import format_verify
-    from firstlayer.savings import analyze
-    from firstlayer.verify import verify
+    from firstlayer.analysis.savings import analyze
+    from firstlayer.hf.loading import disk_bytes, load, load_source
+    from firstlayer.render.text import format_verify
+    from firstlayer.tools.verify import verify
 
     if args.rows is not None:
         return run_verify_rows(args)
@@ -306,7 +306,7 @@ def run_verify_rows(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from firstlayer.streaming import check_folder_rows
+    from firstlayer.conversion import check_folder_rows
 
     result = check_folder_rows(args.source, args.out, args.rows)
     if args.json:
@@ -324,7 +324,7 @@ def add_check(commands: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from firstlayer.checkpoint import check
+    from firstlayer.folder import check
 
     for line in check(args.out):
         print(line)
@@ -353,8 +353,8 @@ def add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from firstlayer.generation import generate_text
-    from firstlayer.loading import load_source
+    from firstlayer.hf.loading import load_source
+    from firstlayer.tools.generation import generate_text
 
     loaded = load_source(args.model)
 
@@ -389,12 +389,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from firstlayer.demo import run_demo
-    from firstlayer.report import format_verify
+    from firstlayer.render.text import format_verify
+    from firstlayer.tools.demo import demonstrate
 
     with progress_bar("converting SmolLM2-135M-Instruct: table rows") as update:
-        result = run_demo(Path(args.out), args.max_new_tokens, progress=update)
-    print(f"converted `default` ({result.source}) into {result.out}: {describe_folder(result.out)}")
+        result = demonstrate(Path(args.out), args.max_new_tokens, progress=update)
+    print(f"converted `default` ({result.source}) into {result.out}: {folder_line(result.out)}")
     report = format_verify(result.report, result.predicted_change, None)
     print(f"\nverify (original vs precomputed, float32):\n{report}")
     answers = Table(title=f"chat: {result.question}", show_lines=True, expand=True)
@@ -464,9 +464,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from firstlayer.bench import bench
-    from firstlayer.loading import load_source
-    from firstlayer.report import format_bench
+    from firstlayer.hf.loading import load_source
+    from firstlayer.render.text import format_bench
+    from firstlayer.tools.bench import bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype_arg(args.dtype) or torch.float32
@@ -491,7 +491,7 @@ def run_bench(args: argparse.Namespace) -> int:
             progress=lambda label, done, total: update(done, total, label),
         )
     if args.plot:
-        from firstlayer.plot import plot_bench
+        from firstlayer.render.plot import plot_bench
 
         plot_bench(result, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
@@ -502,7 +502,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_bench_vllm(args: argparse.Namespace, loaded: Any, compile: bool) -> int:
     import json
 
-    from firstlayer.report import format_engine_bench
+    from firstlayer.render.text import format_engine_bench
 
     try:
         from firstlayer.vllm.bench import bench_vllm
@@ -532,8 +532,8 @@ def run_bench_tables(args: argparse.Namespace, loaded: Any) -> int:
     import json
     import tempfile
 
-    from firstlayer.bench import bench_tables
-    from firstlayer.report import format_table_bench
+    from firstlayer.render.text import format_table_bench
+    from firstlayer.tools.bench import bench_tables
 
     with tempfile.TemporaryDirectory() as folder, progress_bar("bench --tables") as update:
         result = bench_tables(

@@ -69,7 +69,7 @@ def header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-# As transformers used to default to: shards small enough for any file system and upload.
+# Shards small enough for any file system and upload (what most published checkpoints use).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 

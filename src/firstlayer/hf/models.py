@@ -15,18 +15,21 @@ import hook on transformers, which must not find this module half-imported.
 
 from __future__ import annotations
 
+import copy
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from firstlayer import runtime
 from firstlayer.errors import FirstLayerError
-from firstlayer.runtime import TableEmbedding, family_config, parts_of, patch
-from firstlayer.table import Layout, empty_blocks, table_layout
+from firstlayer.families import SUPPORTED_TYPES, family_config
+from firstlayer.folder import mapped_table, record_weight_files, require_files
+from firstlayer.hf.patch import TableEmbedding, parts_of, patch
+from firstlayer.table.codec import empty_blocks
+from firstlayer.table.layout import TableLayout, table_layout
+from firstlayer.table.lookup import parse_table_memory
 
 PRECOMPUTED_PREFIX = "firstlayer_"
 
@@ -68,13 +71,12 @@ class PrecomputedForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
         """transformers' from_pretrained, refusing what it would only warn about: a folder of an
         older format, files missing or cut short, weights missing or of the wrong shape (which
-        it would initialise at random)."""
-        from firstlayer.checkpoint import check_folder_files, map_table
-
+        it would initialise at random). `table_memory` says where the table lives
+        (`table.lookup.TABLE_MEMORY`; default `mapped`)."""
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir():
-            check_folder_files(folder)
-        table_memory = kwargs.pop("table_memory", "mapped")
+            require_files(folder)
+        memory = parse_table_memory(kwargs.pop("table_memory", "mapped"))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
@@ -91,14 +93,12 @@ class PrecomputedForCausalLM:
                 f"its config describes ({found}): convert the source again"
             )
         if folder.is_dir():
-            map_table(model, folder, table_memory)
+            place_table(model, folder, memory)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """transformers' save_pretrained, then the sizes and checksums of the weight files into
         the config's record, which `load` and `firstlayer check` compare."""
-        from firstlayer.checkpoint import record_weight_files
-
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             record_weight_files(Path(save_directory), self.config)
@@ -109,7 +109,7 @@ def install_empty_table(model: nn.Module) -> None:
     fill (on the meta device under from_pretrained, so it costs nothing)."""
     record = model.config.firstlayer
     parts, parallel = parts_of(model)
-    layout = Layout.from_dict(record["table"])  # as written, with its int8 scale width
+    layout = TableLayout.from_dict(record["table"])  # as written, with its int8 scale width
     if layout != table_layout(model, parts, parallel):
         raise FirstLayerError(
             "the table layout in config.json does not match the model the config describes: "
@@ -117,7 +117,7 @@ def install_empty_table(model: nn.Module) -> None:
         )
     weight = model.get_submodule(parts.embedding).weight  # (V, D)
     # In their stored dtypes: the loader then casts nothing, so it reads none of the table's
-    # pages (`checkpoint.map_table` maps them after loading).
+    # pages (`place_table` maps them after loading).
     blocks, scales = empty_blocks(
         record["table"], layout, weight.shape[0], weight.dtype, weight.device
     )
@@ -185,7 +185,7 @@ def register_weight_conversions(model_type: str) -> None:
     from transformers.core_model_loading import WeightConverter
 
     mapping = get_checkpoint_conversion_mapping(model_type)
-    # Only where transformers combines tensors (`checkpoint.as_saved` splits them again on
+    # Only where transformers combines tensors (`as_saved` splits them again on
     # convert): a folder keeps renamed weights under the model's own names, as convert writes.
     if mapping and any(isinstance(t, WeightConverter) for t in mapping):
         register_checkpoint_conversion_mapping(
@@ -193,29 +193,16 @@ def register_weight_conversions(model_type: str) -> None:
         )
 
 
-def register() -> None:
+def register_with_transformers() -> None:
     """Register every supported family's precomputed config with AutoConfig (its model class
     follows on first use). Idempotent."""
-    from firstlayer.arch import SUPPORTED
-
-    for model_type in SUPPORTED:
+    for model_type in SUPPORTED_TYPES:
         config_class(model_type)
 
 
-def precompute(
-    model: nn.Module,
-    dtype: torch.dtype | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> nn.Module:
-    """Replace a loaded causal LM's input embedding with the precomputed table, in place, and
-    make it its family's precomputed class: `save_pretrained` then writes a folder that
-    `AutoModelForCausalLM.from_pretrained` loads. See `runtime.precompute`. Returns the model."""
-    return adopt(runtime.precompute(model, dtype, progress))
-
-
 def adopt(model: nn.Module) -> nn.Module:
-    """Turn a model `runtime.precompute` patched in place into its family's precomputed class,
-    so that save_pretrained writes a folder that loads as one."""
+    """Turn a model patched in place (`hf.patch.patch`) into its family's precomputed class, so
+    that save_pretrained writes a folder that loads as one."""
     family = model.config.firstlayer["model_type"]
     model.config.__class__ = config_class(family)
     model.__class__ = model_class(family)
@@ -229,11 +216,71 @@ def __getattr__(name: str) -> type:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from firstlayer.arch import SUPPORTED
-
-    for model_type in SUPPORTED:
+    for model_type in SUPPORTED_TYPES:
         if name == f"FirstLayer{CONFIG_MAPPING_NAMES[model_type]}":
             return config_class(model_type)
         if name == f"FirstLayer{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}":
             return model_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def place_table(model: nn.Module, folder: Path, memory: str = "mapped") -> None:
+    """Put a loaded model's table where `memory` says (`table.lookup.TABLE_MEMORY`): `device`
+    leaves it where transformers put every weight; `mapped` points the table's blocks at the
+    folder's files (`folder.mapped_table`); `host` copies them into host memory, page-locked
+    where there is CUDA. Mapped and host blocks stay in their stored dtype and on the host
+    whatever the model's dtype or device; each call converts only the rows it reads."""
+    if memory == "device":
+        return
+    table = model.get_input_embeddings()
+    blocks, files = mapped_table(folder, model.config.firstlayer)
+    if memory == "host":
+        blocks = {name: to_host(tensor.clone()) for name, tensor in blocks.items()}
+        files = ()
+    table.dtype = model.get_output_embeddings().weight.dtype
+    table.keep_on_host(blocks, files)
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """A tensor in host memory, page-locked where there is CUDA (copies overlap compute)."""
+    tensor = tensor.cpu()
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+def saved_config(model: nn.Module, record: dict, dtype: torch.dtype) -> Any:
+    """The source model's config as its family's precomputed config class, with the record."""
+    family = record["model_type"]
+    config = copy.deepcopy(model.config)
+    # A GGUF checkpoint arrives dequantized; the folder holds plain tensors.
+    for attribute in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    config.__class__ = config_class(family)
+    config.architectures = [model_class(family).__name__]
+    # Only a serial model's LM head stays tied, to the table's residual block.
+    config.tie_word_embeddings = bool(record["lm_head"]["reads_table"])
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.firstlayer = record
+    return config
+
+
+def weight_conversions(model: nn.Module) -> list:
+    """transformers' renaming and combining rules between this model's checkpoint names and its
+    state dict (`embed_out.` -> `lm_head.`, Mixtral's experts fused into one tensor)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers < 5.24 keeps it beside the transforms
+        from transformers.core_model_loading import get_model_conversion_mapping
+
+    return list(get_model_conversion_mapping(model))
+
+
+def as_saved(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights as save_pretrained writes them: where transformers combines checkpoint tensors
+    on loading (Mixtral's experts), split again, so that every reader of checkpoints (vLLM's
+    loaders among them) finds the names and shapes it knows."""
+    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
+
+    if not any(isinstance(t, WeightConverter) for t in weight_conversions(model)):
+        return weights
+    return dict(revert_weight_conversion(model, weights))

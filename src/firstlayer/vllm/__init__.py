@@ -13,14 +13,14 @@ def register() -> None:
     """The plugin: precomputed configs with transformers, precomputed models with vLLM."""
     from vllm import ModelRegistry
 
-    import firstlayer.hf
-    from firstlayer.arch import SUPPORTED
+    from firstlayer.families import SUPPORTED_TYPES
+    from firstlayer.hf.models import register_with_transformers
     from firstlayer.vllm.models import architecture
 
-    firstlayer.hf.register()
+    register_with_transformers()
     # Every family the converter supports: those the plugin does not serve get a class that
     # refuses with the reason, rather than vLLM's "architecture not supported".
-    for model_type in SUPPORTED:
+    for model_type in SUPPORTED_TYPES:
         name = architecture(model_type)
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from firstlayer.bench import PROMPT_ID_LIMIT, Pair, captured, pair_of
+from firstlayer.analysis.savings import analyze
+from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
-from firstlayer.savings import analyze
+from firstlayer.hf.loading import save_source
+from firstlayer.tools.bench import (
+    PROMPT_ID_LIMIT,
+    LabelledProgress,
+    Pair,
+    bench,
+    captured,
+    pair_of,
+)
 
-Progress = Callable[[str, int, int], None]
 KV_CACHE_BYTES = 512 * 2**20
 
 
@@ -109,15 +117,12 @@ def bench_vllm(
     prompt_tokens: int = 32,
     repeats: int = 7,
     compile: bool = False,
-    progress: Progress | None = None,
+    progress: LabelledProgress | None = None,
 ) -> EngineBenchResult:
     """Time `model` and its precomputed twin in vLLM; both folders are written to a temporary
     directory (the original with save_pretrained, the twin with firstlayer convert)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from firstlayer.bench import bench
-    from firstlayer.checkpoint import convert, save_source
 
     if new_tokens < 3 or repeats < 1 or not batches or min(batches) < 1:
         raise FirstLayerError("bench --engine vllm needs --new-tokens >= 3, --repeats >= 1")

@@ -20,9 +20,10 @@ replication over ranks apply unchanged. The loaded weight is then transposed int
 second such module loads each column's segment number (q, k or v: which of a row's scales it
 takes), so a rank dequantizes its own columns of the rows it looks up.
 
-Where the table lives (`hf_overrides={"table_memory": ...}`, see `TABLE_MEMORY`): on the device
-with the weights (default), or in host memory, pinned where there is CUDA, each step gathering
-its B rows on the host and copying only those to the device.
+Where the table lives (`hf_overrides={"table_memory": ...}`, in the words of
+`table.lookup.TABLE_MEMORY`): on the device with the weights (default), or in host memory, pinned
+where there is CUDA, each step gathering its B rows on the host and copying only those to the
+device. The lookup is the transformers side's (`table.lookup.gather_rows`).
 """
 
 from __future__ import annotations
@@ -37,38 +38,34 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.table import (
-    BLOCKS,
-    SCALE_SUFFIX,
-    Column,
-    Layout,
-    dequantize_int8,
-    empty_blocks,
-    segments,
+from firstlayer.families import (
+    SUPPORTED_TYPES,
+    VllmBackend,
+    VllmNotServed,
+    VllmOwnClass,
+    family_of,
 )
-from firstlayer.vllm.families import (
-    NOT_SERVED,
-    TRANSFORMERS_BACKEND,
-    VLLM_FAMILIES,
-    VllmFamily,
-)
+from firstlayer.folder import require_files
+from firstlayer.hf.models import as_saved, to_host
+from firstlayer.hf.models import model_class as transformers_class
+from firstlayer.hf.patch import ROWS_KWARG, parts_of, patch, refuse_embeddings_input
+from firstlayer.table.codec import column_segments, dequantize_int8, empty_blocks
+from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, segments
+from firstlayer.table.lookup import gather_rows, parse_table_memory
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
 SEGMENTS = "segment_source"  # likewise for an int8 table's segment number of each column
 
-# Where a precomputed model's table lives in vLLM (`hf_overrides={"table_memory": ...}`):
-#   device  with the weights, on the accelerator (default)
-#   host    in host memory (pinned where there is CUDA): each step copies its B rows over
-TABLE_MEMORY = ("device", "host")
+# Where a precomputed model's table lives in vLLM (`hf_overrides={"table_memory": ...}`), in
+# the words of `table.lookup.TABLE_MEMORY`: `device` (default) or `host`. vLLM loads every weight
+# into parameters of its own, so a table mapped from the folder's file is not offered.
+VLLM_TABLE_MEMORY = ("device", "host")
 
 
-def table_memory(vllm_config: Any) -> str:
+def vllm_table_memory(vllm_config: Any) -> str:
     """The placement asked for, refused where it cannot run."""
     memory = getattr(vllm_config.model_config.hf_config, "table_memory", "device")
-    if memory not in TABLE_MEMORY:
-        raise FirstLayerError(
-            f"hf_overrides table_memory={memory!r} is not one of {', '.join(TABLE_MEMORY)}"
-        )
+    memory = parse_table_memory(memory, VLLM_TABLE_MEMORY)
     on_accelerator = vllm_config.device_config.device.type != "cpu"
     if memory == "host" and on_accelerator and not vllm_config.model_config.enforce_eager:
         raise FirstLayerError(
@@ -76,12 +73,6 @@ def table_memory(vllm_config: Any) -> str:
             "cannot capture: also pass enforce_eager=True (--enforce-eager)"
         )
     return memory
-
-
-def to_host(tensor: Tensor) -> Tensor:
-    """A tensor in host memory, page-locked where there is CUDA (copies overlap compute)."""
-    tensor = tensor.cpu()
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
 
 
 class TableRows(nn.Module):
@@ -135,17 +126,7 @@ class TableRows(nn.Module):
 
     def rows(self, input_ids: Tensor, dtype: torch.dtype) -> Tensor:
         """This rank's q/k/v columns of the tokens' rows, in `dtype` on the ids' device."""
-        ids = input_ids.to(self.qkv.device)
-        if self.qkv_scale is None:
-            rows = nn.functional.embedding(ids, self.qkv).to(dtype)
-        else:
-            # As `table.dequantize_int8`: the codes times their row's scale of their segment.
-            scales = self.qkv_scale[ids][:, self.column_segment]
-            rows = (self.qkv[ids].float() * scales).to(dtype)
-        if rows.device != input_ids.device:
-            # A table kept in host memory: only these rows cross to the accelerator.
-            rows = to_host(rows).to(input_ids.device, non_blocking=True)
-        return rows
+        return gather_rows(self.qkv, input_ids, dtype, self.qkv_scale, self.column_segment)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.residual(input_ids)
@@ -202,8 +183,8 @@ class Eliminated(nn.Module):
         return self.name
 
 
-class FusedFirstLayer:
-    """Mixed in before a fused serial layer's class (Llama, Qwen, Gemma, Mixtral, Phi-3)."""
+class SerialRowLayer:
+    """Mixed in before a serial layer's class that fuses the residual add into its norms."""
 
     def forward(self, positions: Tensor, hidden_states: Tensor, residual: Any = None, **kwargs):
         # Given a residual, the layer takes the branch that calls `norm(hidden_states, residual)`,
@@ -211,8 +192,8 @@ class FusedFirstLayer:
         return super().forward(positions, hidden_states, hidden_states, **kwargs)
 
 
-class GPTJFirstLayer:
-    """GPT-J's parallel block from the table: attention(q k v) + (x + mlp(ln(x)))."""
+class ParallelRowLayer:
+    """A parallel block from the table: attention(q k v) + (x + mlp(ln(x)))."""
 
     hidden_size: int
 
@@ -221,8 +202,9 @@ class GPTJFirstLayer:
         return self.attn(position_ids=position_ids, hidden_states=rows) + residual
 
 
-class FalconFirstLayer:
-    """Falcon's parallel block from the table: attention(q k v) + (x + mlp(ln(x)))."""
+class ParallelRowLayerWithBias:
+    """A parallel block from the table whose attention returns (output, bias) and which may
+    defer the all-reduce to after attention and MLP are summed: attention(q k v) + (x + mlp)."""
 
     hidden_size: int
 
@@ -239,12 +221,17 @@ class FalconFirstLayer:
         return output + residual
 
 
-FIRST_LAYERS = {"fused": FusedFirstLayer, "gptj": GPTJFirstLayer, "falcon": FalconFirstLayer}
+# The layer classes by `VllmOwnClass.kind`.
+ROW_LAYERS = {
+    "serial": SerialRowLayer,
+    "parallel": ParallelRowLayer,
+    "parallel_with_bias": ParallelRowLayerWithBias,
+}
 
 
 @functools.cache
 def first_layer_class(kind: str, base: type) -> type:
-    return type(f"FirstLayer{base.__name__}", (FIRST_LAYERS[kind], base), {})
+    return type(f"FirstLayer{base.__name__}", (ROW_LAYERS[kind], base), {})
 
 
 def vllm_name(model: nn.Module, name: str) -> str:
@@ -258,13 +245,13 @@ def vllm_name(model: nn.Module, name: str) -> str:
 
 
 def install_table(
-    model: nn.Module, family: VllmFamily, record: dict, vocab_size: int, memory: str = "device"
+    model: nn.Module, family: VllmOwnClass, record: dict, vocab_size: int, memory: str = "device"
 ) -> None:
     """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table."""
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
-    layout = Layout.from_dict(record["table"])
-    if family.kind != "fused" and not layout.is_parallel:
+    layout = TableLayout.from_dict(record["table"])
+    if family.kind != "serial" and not layout.is_parallel:
         raise FirstLayerError(
             f"a serial {record['model_type']} model is not served by firstlayer's vLLM plugin"
         )
@@ -315,7 +302,7 @@ def install_table(
         if hasattr(attention, name):
             attention.set_submodule(name, nn.Identity())
     eliminated = [n for n in (*family.norms, family.mlp) if n is not None and hasattr(layer, n)]
-    if family.kind == "fused":
+    if family.kind == "serial":
         layer.set_submodule(family.norms[0], SplitRows(layout.hidden_size))
         eliminated = eliminated[1:]
     for name in eliminated:
@@ -324,19 +311,17 @@ def install_table(
     layer.__class__ = first_layer_class(family.kind, type(layer))
 
 
-class PrecomputedForCausalLM:
-    """Mixed in before vLLM's causal-LM class of a family."""
+class PrecomputedVllmModel:
+    """Mixed in before vLLM's own causal-LM class of a family."""
 
-    family: VllmFamily
+    family: VllmOwnClass
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        from firstlayer.checkpoint import check_folder_files
-
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
-            check_folder_files(folder)  # present, this format, files at their recorded sizes
-        memory = table_memory(vllm_config)
+            require_files(folder)  # present, this format, files at their recorded sizes
+        memory = vllm_table_memory(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         self.hf_config = config
@@ -348,7 +333,7 @@ class PrecomputedForCausalLM:
         any parameter was left unloaded (vLLM's own check exempts ordinary linears)."""
         record = self.firstlayer_record
         embedding = record["table"]["module"]
-        layout = Layout.from_dict(record["table"])
+        layout = TableLayout.from_dict(record["table"])
 
         table = vllm_name(self, embedding)  # the name in vLLM's tree, which mappers keep
         arrived = set()
@@ -367,14 +352,13 @@ class PrecomputedForCausalLM:
                         # in the model's dtype: dequantized once, as the transformers side
                         # dequantizes the rows it looks up.
                         codes, scales = int8.pop("residual"), int8.pop(f"residual{SCALE_SUFFIX}")
-                        residual = dequantize_int8(
-                            codes, scales, segments(layout, "residual"), torch.float32
-                        )
+                        segment = column_segments(segments(layout, "residual"))
+                        residual = dequantize_int8(codes, scales, segment)
                         yield f"{table}.residual.weight", residual
                 elif block == "residual":
                     yield f"{table}.residual.weight", tensor
                 elif block == "qkv":
-                    segment = column_segments(layout) if tensor.dtype == torch.int8 else None
+                    segment = segment_weight(layout) if tensor.dtype == torch.int8 else None
                     for column in layout.columns:
                         start = column.start - layout.hidden_size
                         stop = column.stop - layout.hidden_size
@@ -394,12 +378,10 @@ class PrecomputedForCausalLM:
         return {n for n in loaded if not any(i in n for i in internal)} | {f"{table}.qkv"}
 
 
-def column_segments(layout: Layout) -> Tensor:
-    """Each q/k/v column's segment, (columns, 1): which of its row's int8 scales it takes."""
-    segment = torch.empty(layout.qkv_width, 1)
-    for index, (start, stop) in enumerate(segments(layout, "qkv")):
-        segment[start:stop] = index
-    return segment
+def segment_weight(layout: TableLayout) -> Tensor:
+    """Each q/k/v column's segment as a one-input projection's weight, (columns, 1): loaded like
+    the columns, so that each rank learns which of a row's int8 scales its columns take."""
+    return column_segments(segments(layout, "qkv")).float()[:, None]
 
 
 def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
@@ -422,18 +404,16 @@ class PrecomputedTransformersForCausalLM:
     """Mixed in before vLLM's Transformers backend, for the families vLLM has no class of its
     own for (GPT-NeoX, Phi): the backend builds the family's transformers model with vLLM's
     linears and attention, and layer 0 is then patched exactly as on the transformers side
-    (`firstlayer.runtime.patch`): the rows reach layer 0's attention as a keyword argument of
+    (`firstlayer.hf.patch.patch`): the rows reach layer 0's attention as a keyword argument of
     the model call. One rank only: the table's columns are not sharded on this route."""
 
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        from firstlayer.checkpoint import check_folder_files
-
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
-            check_folder_files(folder)
-        memory = table_memory(vllm_config)
+            require_files(folder)
+        memory = vllm_table_memory(vllm_config)
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise FirstLayerError(
                 f"vLLM serves {self.model_type} through its Transformers backend, where "
@@ -464,8 +444,6 @@ class PrecomputedTransformersForCausalLM:
         """The backend's forward, with this call's rows among the keyword arguments it hands the
         transformers model (vLLM's compile wrapper calls the model's forward directly, so the
         base model's pre-hook that looks them up on the transformers side does not run)."""
-        from firstlayer.runtime import ROWS_KWARG, refuse_embeddings_input
-
         refuse_embeddings_input({"inputs_embeds": inputs_embeds})
         table = self.model.get_input_embeddings()
         rows = table.rows(input_ids if input_ids.ndim == 2 else input_ids[None])
@@ -501,16 +479,14 @@ def source_config(config: Any, attn_implementation: str) -> Any:
 
 
 def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "device") -> None:
-    """Patch the backend's transformers model as `firstlayer.runtime.patch` patches a
-    transformers model: the adapter's module names, mapped the way the backend maps checkpoint
-    names onto its own tree (`gpt_neox.` -> `model.`). The table's blocks are empty, in their
-    stored dtypes, for the backend's loader to fill; with `memory="host"` the ones only the
-    lookup reads are in host memory (`TableEmbedding.host_blocks`)."""
+    """Patch the backend's transformers model as `hf.patch.patch` patches a transformers model:
+    the declaration's module names, mapped the way the backend maps checkpoint names onto its own
+    tree (the family's base model -> `model.`). The table's blocks are empty, in their stored
+    dtypes, for the backend's loader to fill; with `memory="host"` the ones only the lookup
+    reads are in host memory (`TableEmbedding.host_blocks`)."""
     import dataclasses
 
     from transformers import AutoModelForCausalLM
-
-    from firstlayer.runtime import parts_of, patch
 
     record = config.firstlayer
     with torch.device("meta"):
@@ -533,7 +509,7 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         mlp_norm=mapped(parts.mlp_norm) if parts.mlp_norm else None,
         mlp=mapped(parts.mlp) if parts.mlp else None,
     )
-    recorded = Layout.from_dict(record["table"])
+    recorded = TableLayout.from_dict(record["table"])
     columns = tuple(Column(mapped(c.module), c.start, c.stop) for c in recorded.columns)
     fused = None
     if len({c.module for c in columns}) < len(columns):
@@ -541,7 +517,7 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         # forward splits by the projection's sizes: the rows are all three, in that order.
         columns = (Column(columns[0].module, columns[0].start, columns[-1].stop),)
         fused = model.get_submodule(columns[0].module)
-    layout = Layout(recorded.hidden_size, recorded.is_parallel, columns)
+    layout = TableLayout(recorded.hidden_size, recorded.is_parallel, columns)
     model_dtype = torch.get_default_dtype()  # vLLM builds the model under the model's dtype
     device = "cpu" if memory == "host" else None
     blocks, scales = empty_blocks(record["table"], recorded, config.vocab_size, model_dtype, device)
@@ -551,14 +527,15 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
     reads_table = bool(record["lm_head"]["reads_table"])
     patch(model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, model_dtype)
     table = model.get_submodule(parts.embedding)
-    # One scale per row and recorded projection, also where the backend fused the projections.
-    table.ranges = {block: segments(recorded, block) for block in BLOCKS}
+    # One scale per row and recorded segment, also where the backend fused the projections.
+    for block in BLOCKS:
+        if getattr(table, block + SCALE_SUFFIX) is not None:
+            table.segments[block] = column_segments(segments(recorded, block), device="cpu")
     if memory == "host":
         host = ("qkv", "residual") if recorded.is_parallel else ("qkv",)
         names = (*host, *(block + SCALE_SUFFIX for block in host))
-        table.host_blocks = frozenset(n for n in names if getattr(table, n) is not None)
-        for name in table.host_blocks:
-            setattr(table, name, nn.Parameter(to_host(getattr(table, name)), requires_grad=False))
+        present = [n for n in names if getattr(table, n) is not None]
+        table.keep_on_host({n: to_host(getattr(table, n)) for n in present})
     if fused is not None:
         rows_module = model.get_submodule(columns[0].module)
         rows_module.output_sizes, rows_module.tp_size = fused.output_sizes, fused.tp_size
@@ -569,25 +546,14 @@ def expected_tensors(config: Any) -> set[str]:
     state dict, built on the meta device, less the weights it ties to others."""
     from transformers import AutoModelForCausalLM
 
-    from firstlayer.checkpoint import as_saved
-    from firstlayer.hf import model_class
-
     # Registered with AutoModelForCausalLM here too: a config vLLM hands its workers by pickle
     # has not run the __post_init__ that registers it.
-    model_class(config.firstlayer["model_type"])
+    transformers_class(config.firstlayer["model_type"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     kept = {name: t for name, t in model.state_dict().items() if name not in tied}
     return set(as_saved(model, kept))  # under the names a checkpoint holds (Mixtral's experts)
-
-
-def is_moe(model_type: str) -> bool:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    defaults = CONFIG_MAPPING[model_type]()
-    keys = ("num_local_experts", "num_experts", "n_routed_experts")
-    return any(getattr(defaults, key, None) for key in keys)
 
 
 def architecture(model_type: str) -> str:
@@ -599,17 +565,20 @@ def architecture(model_type: str) -> str:
 
 
 @functools.cache
-def model_class(model_type: str) -> type:
+def vllm_model_class(model_type: str) -> type:
     """vLLM's class of the family, made precomputed."""
     from vllm.model_executor.models.registry import ModelRegistry
 
+    family = family_of(model_type)
+    route = family.vllm_route(model_type)
+    if isinstance(route, VllmNotServed):
+        return not_served_class(model_type)
     name = architecture(model_type).removeprefix("FirstLayer")
     # A family served through the Transformers backend goes there even where vLLM has a class of
-    # its own whose layer 0 the plugin does not patch (Cohere, StableLM, ...).
-    backend = "TransformersMoEForCausalLM" if is_moe(model_type) else "TransformersForCausalLM"
-    base = ModelRegistry._try_load_model_cls(
-        backend if model_type in TRANSFORMERS_BACKEND else name
-    )
+    # its own whose layer 0 the plugin does not patch.
+    backend = "TransformersMoEForCausalLM" if family.is_moe else "TransformersForCausalLM"
+    is_backend = isinstance(route, VllmBackend)
+    base = ModelRegistry._try_load_model_cls(backend if is_backend else name)
     if base is None:
         raise FirstLayerError(f"this vLLM has no model class {name} for {model_type}")
     attributes = {
@@ -617,13 +586,11 @@ def model_class(model_type: str) -> type:
         "__module__": __name__,
         "__doc__": f"vLLM's {base.__name__} for {name}, its layer 0 run from a firstlayer table.",
     }
-    if model_type in VLLM_FAMILIES:
-        mixin = PrecomputedForCausalLM
-        attributes["family"] = VLLM_FAMILIES[model_type]
-    elif model_type in TRANSFORMERS_BACKEND:
+    if is_backend:
         mixin = PrecomputedTransformersForCausalLM
     else:
-        return not_served_class(model_type)
+        mixin = PrecomputedVllmModel
+        attributes["family"] = route
     return type(f"FirstLayer{name}", (mixin, base), attributes)
 
 
@@ -634,7 +601,8 @@ class NotServed(nn.Module):
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         served = ", ".join(served_families())
-        reason = NOT_SERVED.get(self.model_type, "not yet")
+        route = family_of(self.model_type).vllm_route(self.model_type)
+        reason = route.reason if isinstance(route, VllmNotServed) else "not yet"
         raise FirstLayerError(
             f"firstlayer's vLLM plugin does not serve {self.model_type} ({reason}); it serves "
             f"{served}. Run this folder with transformers (`import firstlayer`, then "
@@ -653,7 +621,10 @@ class NotServed(nn.Module):
 
 
 def served_families() -> tuple[str, ...]:
-    return (*VLLM_FAMILIES, *TRANSFORMERS_BACKEND)
+    """The model types the plugin serves, through vLLM's own class or its Transformers backend."""
+    return tuple(
+        t for t in SUPPORTED_TYPES if not isinstance(family_of(t).vllm_route(t), VllmNotServed)
+    )
 
 
 @functools.cache
@@ -663,9 +634,7 @@ def not_served_class(model_type: str) -> type:
 
 def __getattr__(name: str) -> type:
     """vLLM's registry names classes as "firstlayer.vllm.models:<class>"; they are made here."""
-    from firstlayer.arch import SUPPORTED
-
-    for model_type in SUPPORTED:
+    for model_type in SUPPORTED_TYPES:
         if name == architecture(model_type):
-            return model_class(model_type)
+            return vllm_model_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

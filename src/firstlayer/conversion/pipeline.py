@@ -1,0 +1,438 @@
+"""The conversion pipeline, one for every entry point:
+
+    weights (a loaded model, or a safetensors checkpoint read out of core)
+      -> plan (layer 0's parts, the table's layout)
+      -> table rows (float32, a vocabulary chunk at a time, encoded in the table's dtype)
+      -> sink (blocks in memory: `precompute`; sharded files with every kept weight: `convert`)
+      -> self-check (rows read back from the sink against the source's own layer 0)
+      -> a patched model, or a published folder
+
+Options travel as one `ConvertOptions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.analysis.sources import resolve_source
+from firstlayer.conversion.selfcheck import (
+    SAMPLE_ROWS,
+    SelfCheck,
+    compare_rows,
+    layer0_reference,
+    require,
+    sample_ids,
+    special_token_ids,
+    stored_rows,
+    tolerance_for,
+)
+from firstlayer.conversion.weights import (
+    CheckpointRows,
+    NeedsLoading,
+    Weights,
+    checkpoint_weights,
+    loaded_weights,
+    materialize,
+    meta_model,
+    rows_at,
+    token_local_modules,
+)
+from firstlayer.errors import FirstLayerError
+from firstlayer.families import Parts, family_config, family_of
+from firstlayer.folder import (
+    is_precomputed_folder,
+    publish,
+    read_record,
+    table_record,
+    write_folder,
+)
+from firstlayer.hf.loading import (
+    load_source,
+    load_tokenizer,
+    parse_dtype,
+    refuse_larger_vocabulary,
+    refuse_mismatched_shapes,
+)
+from firstlayer.hf.models import adopt, as_saved, saved_config
+from firstlayer.hf.patch import lm_head_reads_table, parts_of, patch
+from firstlayer.safetensors_io import DEFAULT_MAX_SHARD_SIZE, SafetensorsFolder, TensorSpec
+from firstlayer.table.build import TokenLocal, table_chunks
+from firstlayer.table.codec import TABLE_DTYPES, block_dtypes, encode_rows
+from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments, table_layout
+
+Progress = Callable[[int, int], None]
+
+
+def parse_table_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in TABLE_DTYPES:
+        raise FirstLayerError(
+            f"table dtype {name!r} is not supported: use one of {', '.join(TABLE_DTYPES)}"
+        )
+    return TABLE_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How a conversion stores what it builds, and whom it tells."""
+
+    dtype: torch.dtype | None = None  # the stored weights' (default: the source's)
+    table_dtype: torch.dtype | None = None  # the table's (default: `dtype`)
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # shards with an index above it
+    force: bool = False  # replace an existing output folder
+    accept_error: bool = False  # publish a table past its dtype's self-check bound, recorded
+    progress: Progress | None = None  # (rows done, rows in all), after each chunk
+    on_check: Callable[[SelfCheck], None] | None = None  # receives the self-check's result
+
+    @classmethod
+    def of(cls, options: ConvertOptions | None = None, **settings: Any) -> ConvertOptions:
+        """Options from keyword settings (dtypes may be named), over `options`."""
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown conversion settings: {', '.join(sorted(unknown))}")
+        if "dtype" in settings:
+            settings["dtype"] = parse_dtype(settings["dtype"])
+        if "table_dtype" in settings:
+            settings["table_dtype"] = parse_table_dtype(settings["table_dtype"])
+        return dataclasses.replace(options or cls(), **settings)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What precompute and convert do to a model."""
+
+    model_type: str  # the family's
+    parts: Parts
+    layout: TableLayout
+    lm_head_reads_table: bool  # serial blocks and a tied LM head: it reads the residual block
+
+
+def plan_for(model: nn.Module) -> Plan:
+    """The plan for a model; refuses one that is precomputed already."""
+    if getattr(model.config, "firstlayer", None):
+        raise FirstLayerError("this model is precomputed already")
+    parts, parallel = parts_of(model)
+    layout = table_layout(model, parts, parallel)
+    reads_table = lm_head_reads_table(model, parts, parallel)
+    return Plan(family_config(model.config)["model_type"], parts, layout, reads_table)
+
+
+def table_rows(
+    token_local: TokenLocal,
+    layout: TableLayout,
+    dtypes: dict[str, torch.dtype],
+    vocab_size: int,
+    progress: Progress | None,
+) -> Iterator[tuple[str, int, Tensor, Tensor | None]]:
+    """The row generator: (block, first id, rows as stored, int8 scales or None), both blocks,
+    the whole vocabulary, a chunk at a time."""
+    for index, block in enumerate(BLOCKS):
+        ranges = segments(layout, block)
+        for start, rows in table_chunks(token_local, vocab_size, block):
+            stored, scales = encode_rows(rows, dtypes[block], ranges)
+            yield block, start, stored, scales
+            if progress:
+                progress(index * vocab_size + start + len(rows), len(BLOCKS) * vocab_size)
+
+
+class MemorySink:
+    """The table's blocks (and int8 scales) in memory, for a model to run from."""
+
+    def __init__(
+        self, layout: TableLayout, dtypes: dict[str, torch.dtype], vocab_size: int, device: Any
+    ):
+        self.blocks, self.scales = {}, {}
+        for block in BLOCKS:
+            shape = (vocab_size, layout.block_width(block))
+            self.blocks[block] = torch.empty(shape, dtype=dtypes[block], device=device)
+            if dtypes[block] == torch.int8:
+                count = len(segments(layout, block))
+                self.scales[block] = torch.empty(vocab_size, count, device=device)
+
+    def write(self, rows: Iterator[tuple[str, int, Tensor, Tensor | None]]) -> None:
+        for block, start, stored, scales in rows:
+            self.blocks[block][start : start + len(stored)] = stored
+            if scales is not None:
+                self.scales[block][start : start + len(stored)] = scales
+
+    def read(self, block: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        scales = self.scales.get(block)
+        return self.blocks[block][ids].cpu(), None if scales is None else scales[ids].cpu()
+
+
+def folder_reader(folder: Path, module: str) -> Callable[[str, Tensor], tuple]:
+    """Stored rows of a written folder's table, read back from its files."""
+    files = SafetensorsFolder(folder)
+
+    def read(block: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        def rows(name: str) -> Tensor:
+            return torch.cat([files.rows(name, i, i + 1) for i in ids.tolist()])
+
+        name = f"{module}.{block}"
+        has_scales = name + SCALE_SUFFIX in files
+        return rows(name), rows(name + SCALE_SUFFIX) if has_scales else None
+
+    return read
+
+
+def self_check(
+    weights: Weights,
+    planned: Plan,
+    read: Callable[[str, Tensor], tuple],
+    table_dtype: torch.dtype,
+    options: ConvertOptions,
+    record: dict,
+) -> SelfCheck:
+    """Sampled rows as the sink holds them against the source's own layer 0 on the same ids;
+    refused past the dtype's bound unless `accept_error`, which the record then keeps."""
+    model = weights.model
+    model_dtype = model.get_submodule(planned.parts.embedding).weight.dtype
+    vocab_size = weights.embedding_weight.shape[0]
+    ids = sample_ids(vocab_size, special_token_ids(model.config, weights.tokenizer))
+    expected = layer0_reference(model, planned.parts, planned.layout, weights.embedding_rows, ids)
+    tolerance = tolerance_for(table_dtype, model_dtype)
+    result = compare_rows(
+        stored_rows(read, ids, planned.layout), expected, ids, planned.layout, tolerance
+    )
+    if not result.passed and options.accept_error:
+        # Kept on request; the record says so, and `verify` repeats it.
+        record["accepted_row_error"] = {"max": result.max_error, "tolerance": tolerance}
+    else:
+        require(result)
+    if options.on_check:
+        options.on_check(result)
+    return result
+
+
+def build_table(
+    weights: Weights, planned: Plan, options: ConvertOptions
+) -> tuple[TokenLocal, dict[str, torch.dtype], torch.dtype, dict]:
+    """The row builder, each block's stored dtype, the table's dtype and the record."""
+    model = weights.model
+    model_dtype = model.get_submodule(planned.parts.embedding).weight.dtype
+    dtype = options.dtype or model_dtype
+    table_dtype = options.table_dtype or dtype
+    dtypes = block_dtypes(table_dtype, dtype, planned.layout.is_parallel)
+    token_local = TokenLocal(
+        model, planned.parts, planned.layout, embedding_weight=weights.embedding_weight
+    )
+    record = table_record(
+        planned.model_type,
+        planned.parts,
+        planned.layout,
+        planned.lm_head_reads_table,
+        table_dtype,
+        dtypes["residual"],
+    )
+    return token_local, dtypes, table_dtype, record
+
+
+# --- the entry points -----------------------------------------------------------------------
+
+
+def precompute(
+    model: nn.Module,
+    dtype: torch.dtype | str | None = None,
+    progress: Progress | None = None,
+    options: ConvertOptions | None = None,
+) -> nn.Module:
+    """Replace a loaded causal LM's input embedding with the precomputed table, in place, and
+    make it its family's precomputed class: `save_pretrained` then writes a folder that
+    `AutoModelForCausalLM.from_pretrained` loads. Returns the model.
+
+    The table is computed in float32 (float64 for a float64 model) from the model's own weights
+    and stored in `dtype` (default: the embedding's dtype; int8 keeps per-row scales), but for a
+    serial row's first D columns, the embedding itself, which stay in the model's dtype. Layer
+    0's q/k/v weights and its attention norm (for parallel blocks also its MLP and MLP norm) are
+    dropped. `progress(done_rows, total_rows)` is called after each chunk.
+    """
+    options = ConvertOptions.of(options, table_dtype=dtype, progress=progress)
+    planned = plan_for(model)
+    weights = loaded_weights(model)
+    model_dtype = weights.embedding_weight.dtype
+    options = dataclasses.replace(options, dtype=model_dtype)
+    token_local, dtypes, table_dtype, record = build_table(weights, planned, options)
+    vocab_size = weights.embedding_weight.shape[0]
+    sink = MemorySink(planned.layout, dtypes, vocab_size, weights.embedding_weight.device)
+    sink.write(table_rows(token_local, planned.layout, dtypes, vocab_size, options.progress))
+    del token_local
+    self_check(weights, planned, sink.read, table_dtype, options, record)
+    model.config.firstlayer = record
+    blocks = sink.blocks
+    patch(
+        model,
+        planned.parts,
+        planned.layout,
+        blocks["residual"],
+        blocks["qkv"],
+        planned.lm_head_reads_table,
+        sink.scales,
+        model_dtype,
+    )
+    return adopt(model)
+
+
+def convert(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any | None = None,
+    options: ConvertOptions | None = None,
+    **settings: Any,
+) -> Path:
+    """Write the precomputed twin of a loaded model to `out`, streaming the table to disk.
+
+    The model is left untouched and no whole table is ever held in memory, so peak memory stays
+    close to the model's own size. Settings (or `options`, `ConvertOptions`): `dtype` the stored
+    weights' dtype, `table_dtype` the table's (default `dtype`; float32, bfloat16, float16 or
+    int8), `max_shard_size` (shards with an index, as save_pretrained writes), `force`,
+    `progress`, `on_check` (receives the self-check), `accept_error` (publish a table whose rows
+    miss their dtype's bound, `convert.selfcheck.RELATIVE_TOLERANCE`). Returns the folder.
+    """
+    plan_for(model)  # refuses a precomputed model before anything is read
+    options = ConvertOptions.of(options, **settings)
+    return write_converted(loaded_weights(model, tokenizer), out, options)
+
+
+def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) -> Path:
+    """The folder sink: the table's rows and every kept weight streamed into sharded files in a
+    temporary folder, the self-check on the files, then the folder published."""
+    model = weights.model
+    planned = plan_for(model)
+    parts, layout = planned.parts, planned.layout
+    token_local, dtypes, table_dtype, record = build_table(weights, planned, options)
+    dtype = options.dtype or model.get_submodule(parts.embedding).weight.dtype
+    record["source_fingerprint"] = weights.fingerprint
+    vocab_size = weights.embedding_weight.shape[0]
+    dropped = {f"{parts.lm_head}.weight"} if planned.lm_head_reads_table else set()
+    eliminated = (parts.embedding, *parts.eliminated(layout.is_parallel))
+    kept = as_saved(model, kept_weights(model, eliminated, dropped))
+    specs = []
+    for block in BLOCKS:
+        name = f"{parts.embedding}.{block}"
+        specs.append(TensorSpec(name, dtypes[block], (vocab_size, layout.block_width(block))))
+        if dtypes[block] == torch.int8:
+            shape = (vocab_size, len(segments(layout, block)))
+            specs.append(TensorSpec(name + SCALE_SUFFIX, torch.float32, shape))
+    specs += [TensorSpec(name, cast_dtype(t, dtype), tuple(t.shape)) for name, t in kept.items()]
+
+    def table() -> Iterator[tuple[str, Tensor]]:
+        rows = table_rows(token_local, layout, dtypes, vocab_size, options.progress)
+        for block, _, stored, scales in rows:
+            yield f"{parts.embedding}.{block}", stored
+            if scales is not None:
+                yield f"{parts.embedding}.{block}{SCALE_SUFFIX}", scales
+
+    def copies() -> Iterator[tuple[str, Tensor]]:  # runs beside the table, in a thread
+        for name, tensor in kept.items():
+            for rows in weights.blocks(name, tensor):
+                yield name, rows.to(cast_dtype(rows, dtype))
+
+    def check_rows(tmp: Path) -> None:
+        read = folder_reader(tmp, parts.embedding)
+        self_check(weights, planned, read, table_dtype, options, record)
+
+    def save_extras(tmp: Path) -> None:
+        if weights.tokenizer is not None:
+            weights.tokenizer.save_pretrained(tmp)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+
+    def save_config(tmp: Path) -> None:
+        saved_config(model, record, dtype).save_pretrained(tmp)
+
+    def write(tmp: Path) -> None:
+        streams = [table(), copies()]
+        write_folder(
+            tmp,
+            record,
+            specs,
+            streams,
+            options.max_shard_size,
+            check_rows,
+            save_extras,
+            save_config,
+        )
+
+    return publish(Path(out), options.force, write)
+
+
+def cast_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor is stored in: `dtype` for floating-point weights, its own otherwise."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def kept_weights(
+    model: nn.Module, drop: tuple[str, ...], dropped_names: set[str]
+) -> dict[str, Tensor]:
+    """The model's state dict without the modules in `drop` and the names in `dropped_names`."""
+    prefixes = tuple(f"{name}." for name in drop)
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if not name.startswith(prefixes) and name not in dropped_names
+    }
+
+
+def convert_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    tokenizer: Any | None = None,
+    options: ConvertOptions | None = None,
+    **settings: Any,
+) -> Path:
+    """`convert` for a safetensors folder (sharded or not) that is never loaded: the same
+    folder, byte for byte, in memory that does not grow with the model's depth. Raises
+    NeedsLoading for a checkpoint whose weights transformers combines on loading."""
+    options = ConvertOptions.of(options, **settings)
+    weights = checkpoint_weights(Path(source), tokenizer)
+    refuse_larger_vocabulary(tokenizer, weights.model, Path(source))
+    return write_converted(weights, out, options)
+
+
+def convert_source(
+    spec: str, out: str | Path, options: ConvertOptions | None = None, **settings: Any
+) -> tuple[Path, str]:
+    """Convert SOURCE as `firstlayer convert` does: a safetensors folder out of core, anything
+    else (a GGUF file, which must be dequantized; a checkpoint whose weights transformers
+    combines on loading) loaded first. Returns the folder and how it was read."""
+    options = ConvertOptions.of(options, **settings)
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")) and not is_precomputed_folder(path):
+        source = resolve_source(spec)  # refuses a folder without a usable config.json
+        family_of(source.config["model_type"])
+        refuse_mismatched_shapes(path, source.config)
+        try:
+            return convert_checkpoint(path, out, load_tokenizer(path), options), "out of core"
+        except NeedsLoading:
+            pass  # Mixtral's experts: transformers fuses them on loading
+    loaded = load_source(spec, to_convert=True)
+    return convert(loaded.model, out, loaded.tokenizer, options), "loaded in memory"
+
+
+def check_folder_rows(source: str | Path, out: str | Path, count: int | None = None) -> SelfCheck:
+    """The conversion's self-check on a written folder: `count` table rows read back from OUT
+    against SOURCE's own layer 0, loading neither whole model (SOURCE: a safetensors folder)."""
+    record = read_record(out)
+    model, folder, names = meta_model(Path(source))
+    parts, _ = parts_of(model)
+    layout = TableLayout.from_dict(record["table"])
+    for module_name in token_local_modules(model):
+        materialize(model, module_name, folder, names)
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+    vocab_size = embedding.shape[0]
+    ids = sample_ids(vocab_size, special_token_ids(model.config, None), count or SAMPLE_ROWS)
+    expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)
+    read = folder_reader(Path(out), record["table"]["module"])
+    table_dtype = TABLE_DTYPES[record["table"]["dtype"]]
+    tolerance = tolerance_for(table_dtype, model_dtype)
+    return compare_rows(stored_rows(read, ids, layout), expected, ids, layout, tolerance)

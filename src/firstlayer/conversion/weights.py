@@ -1,0 +1,251 @@
+"""Where a conversion reads the source's weights: a loaded model, or a safetensors checkpoint that
+is never loaded (out of core).
+
+Out of core, the model is built from config.json on the meta device (no memory); layer 0's
+token-local modules are the only ones given real weights, read from the checkpoint; the embedding
+is read a chunk of rows at a time as the table is built; every other tensor is copied to the
+output a block of rows at a time. Peak memory is layer 0's token-local weights (in float32) plus
+a few chunk buffers, whatever the depth, and the folder written is the one a loaded model gives,
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.families import family_config, family_of
+from firstlayer.hf.models import weight_conversions
+from firstlayer.hf.patch import parts_of
+from firstlayer.safetensors_io import SafetensorsFolder
+
+# Bytes of a tensor copied (or hashed) per block of rows: enough to stream at disk speed, small
+# beside any model worth converting out of core.
+COPY_BLOCK_BYTES = 16 * 2**20
+
+
+def tensor_bytes(tensor: Tensor) -> Any:
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(memoryview(tensor_bytes(tensor)))
+    return digest.hexdigest()
+
+
+def fingerprint(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], str]]) -> str:
+    """sha256 over (name, dtype, shape, sha256 of the bytes) of every weight, in name order:
+    identifies a source model, and can be computed one tensor at a time in any order."""
+    digest = hashlib.sha256()
+    for name, dtype, shape, data_sha256 in sorted(entries):
+        digest.update(f"{name}:{dtype}:{shape}:{data_sha256};".encode())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of a loaded model's state dict (tied weights under each of their names)."""
+    return fingerprint(
+        (name, t.dtype, tuple(t.shape), tensor_sha256(t)) for name, t in model.state_dict().items()
+    )
+
+
+def rows_at(weight: Any, ids: Tensor) -> Tensor:
+    """Rows `ids` of a weight that may only be read in ranges (one from disk)."""
+    return torch.cat([weight[i : i + 1] for i in ids.tolist()])
+
+
+@dataclass
+class Weights:
+    """A conversion's source: the model the config describes (on the meta device but for layer
+    0's token-local modules, out of core) and where its weights come from."""
+
+    model: nn.Module
+    embedding_weight: Any  # (V, D) rows by index, in the model's dtype
+    blocks: Callable[[str, Tensor], Iterator[Tensor]]  # a kept weight, as blocks of rows
+    fingerprint: str | Callable[[], str]  # a callable when known only after the stream
+    tokenizer: Any | None = None
+
+    def embedding_rows(self, ids: Tensor) -> Tensor:
+        return rows_at(self.embedding_weight, ids)
+
+
+def loaded_weights(model: nn.Module, tokenizer: Any | None = None) -> Weights:
+    """A loaded model as a conversion's source."""
+    return Weights(
+        model=model,
+        embedding_weight=model.get_input_embeddings().weight,
+        blocks=lambda name, tensor: iter((tensor,)),
+        # Hashed when a folder needs it (its files carry it), never for a model in memory.
+        fingerprint=lambda: weights_fingerprint(model),
+        tokenizer=tokenizer,
+    )
+
+
+class CheckpointRows:
+    """The embedding's rows as the loaded model would hold them (its dtype), read from disk.
+
+    Rows must be asked for in ranges (table chunks); the sha256 of the whole weight is taken on
+    the way when the first pass reads it front to back, as every conversion's first block does.
+    """
+
+    def __init__(self, folder: SafetensorsFolder, name: str, dtype: torch.dtype):
+        self.folder, self.name, self.dtype = folder, name, dtype
+        self.shape = folder.shape(name)
+        self.device = torch.device("cpu")
+        self._digest, self._next_row = hashlib.sha256(), 0
+
+    def __getitem__(self, ids: Tensor | slice) -> Tensor:
+        if isinstance(ids, slice):
+            start, stop = ids.start, ids.stop
+        else:
+            start, stop = int(ids[0]), int(ids[-1]) + 1
+            assert stop - start == len(ids), "rows are read in ranges"
+        rows = self.folder.rows(self.name, start, stop).to(self.dtype)
+        if start == self._next_row:
+            self._digest.update(memoryview(tensor_bytes(rows)))
+            self._next_row = stop
+        return rows
+
+    def sha256(self) -> str:
+        if self._next_row != self.shape[0]:  # not read front to back: one pass of its own
+            digest = hashlib.sha256()
+            for rows in self.folder.row_blocks(self.name, COPY_BLOCK_BYTES):
+                digest.update(memoryview(tensor_bytes(rows.to(self.dtype))))
+            return digest.hexdigest()
+        return self._digest.hexdigest()
+
+
+def checkpoint_weights(source: Path, tokenizer: Any | None = None) -> Weights:
+    """A safetensors folder (sharded or not) as a conversion's source, never loaded.
+
+    Raises FirstLayerError when the checkpoint lacks a tensor the config's model needs (layer 0
+    included) or holds one of another shape (`checkpoint_names`), and NeedsLoading for one whose
+    weights transformers combines on loading.
+    """
+    model, folder, names = meta_model(source)
+    parts, _ = parts_of(model)
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
+    for module_name in token_local_modules(model):
+        for name, tensor in materialize(model, module_name, folder, names).items():
+            digests[name] = (tensor.dtype, tuple(tensor.shape), tensor_sha256(tensor))
+    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+
+    def blocks(name: str, tensor: Tensor) -> Iterator[Tensor]:
+        digest = hashlib.sha256()
+        for rows in folder.row_blocks(names[name], COPY_BLOCK_BYTES):
+            rows = rows.to(tensor.dtype)
+            digest.update(memoryview(tensor_bytes(rows)))
+            yield rows
+        digests[name] = (tensor.dtype, tuple(tensor.shape), digest.hexdigest())
+
+    def source_fingerprint() -> str:
+        # Every weight of the state dict: copied, eliminated, or the embedding (also under the
+        # name of an LM head tied to it).
+        embedding_sha256 = embedding.sha256()
+        entries = []
+        for name, tensor in model.state_dict().items():
+            if name not in digests:
+                assert names[name] == embedding.name, name
+                digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
+            entries.append((name, *digests[name]))
+        return fingerprint(entries)
+
+    return Weights(model, embedding, blocks, source_fingerprint, tokenizer)
+
+
+def meta_model(source: Path) -> tuple[nn.Module, SafetensorsFolder, dict[str, str]]:
+    """The config's model on the meta device, the checkpoint, and for every state-dict name the
+    checkpoint tensor holding it (a tied weight may be stored under its partner's name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    family_of(family_config(config)["model_type"])  # refuses an unsupported family first
+    folder = SafetensorsFolder(source)
+    dtype = config.dtype or next(
+        (folder.dtype(n) for n in folder.names() if folder.dtype(n).is_floating_point),
+        torch.float32,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (source / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    names = checkpoint_names(model, folder, source)
+    return model.eval(), folder, names
+
+
+class NeedsLoading(FirstLayerError):
+    """transformers builds some weights from several checkpoint tensors (Mixtral's experts
+    fused into one): only a loaded model has them."""
+
+
+def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) -> dict[str, str]:
+    """For every state-dict name, the checkpoint tensor that holds it, renamed by transformers'
+    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...)."""
+    from transformers.core_model_loading import WeightRenaming
+
+    transforms = weight_conversions(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) != len(transforms):
+        raise NeedsLoading(
+            f"{source}: transformers combines checkpoint tensors into this model's weights "
+            "when it loads them; convert it from the loaded model"
+        )
+    stored_as = {}
+    for stored in folder.names():
+        name = stored
+        for renaming in renamings:
+            name, _ = renaming.rename_source_key(name)
+        stored_as[name] = stored
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    names = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        stored = next(
+            (stored_as[n] for n in aliases.get(id(tensor), [name]) if n in stored_as), None
+        )
+        if stored is None:
+            raise FirstLayerError(
+                f"{source} holds no tensor {name!r}, which its config.json's model needs "
+                "(a checkpoint of another layout, or one cut short): convert from a complete "
+                "checkpoint, or load it with transformers and use `firstlayer.convert`"
+            )
+        if folder.shape(stored) != tuple(tensor.shape):
+            raise FirstLayerError(
+                f"{source}: {stored} is {list(folder.shape(stored))}, but config.json makes it "
+                f"{list(tensor.shape)}: the weights and the config disagree; use the "
+                "config.json that came with these weights"
+            )
+        names[name] = stored
+    return names
+
+
+def token_local_modules(model: nn.Module) -> list[str]:
+    """Layer 0's modules the table is computed from (and so the only ones materialized)."""
+    parts, parallel = parts_of(model)
+    return list(parts.token_local(parallel))
+
+
+def materialize(
+    model: nn.Module, module_name: str, folder: SafetensorsFolder, names: dict[str, str]
+) -> dict[str, Tensor]:
+    """Give one meta module its weights from the checkpoint, in the model's dtypes; returns them
+    by state-dict name."""
+    module = model.get_submodule(module_name)
+    wanted = module.state_dict(keep_vars=True)
+    tensors = {
+        local: folder.tensor(names[f"{module_name}.{local}"]).to(tensor.dtype)
+        for local, tensor in wanted.items()
+    }
+    module.to_empty(device="cpu")
+    module.load_state_dict(tensors, strict=True)
+    return {f"{module_name}.{local}": tensor for local, tensor in tensors.items()}

@@ -1,0 +1,361 @@
+"""Run a model from its table: layer 0 reads one row per token, not its q/k/v (and MLP) weights.
+
+    serial:   x = E[t]; x = x + attn(rope(Q[t]), rope(K[t]), V[t]); x = x + mlp(norm(x))
+    parallel: x = R[t] + attn(rope(Q[t]), rope(K[t]), V[t]),  R[t] = E[t] + mlp(n2(E[t]))
+
+The patch works inside each family's own layer code. The embedding returns the row's first D
+columns; the rows' q, k, v columns travel with the call to layer 0's attention as one more keyword
+argument of the model call (transformers threads `**kwargs` from the model through every layer
+into attention), where they take the place of the normed hidden states and every projection
+becomes a slice of them. RoPE, KV caches, masks, sliding windows and sandwich norms stay the
+family's, so generate() works as before. For a parallel block the MLP returns zeros, its work
+being already in R[t]. Nothing that belongs to one call is kept on a module, so concurrent calls
+(threads, asyncio tasks run in threads) cannot exchange rows, and torch.compile traces it all.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.families import Parts, family_config, family_of, is_parallel
+from firstlayer.safetensors_io import MappedFile
+from firstlayer.table.build import scale_in
+from firstlayer.table.codec import column_segments
+from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments
+from firstlayer.table.lookup import gather_rows
+
+# The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
+ROWS_KWARG = "firstlayer_rows"
+# Where the installed transformers does not hand the model's kwargs to layer 0's attention
+# (Falcon; GPT-J in 5.19) the rows travel in a context variable instead: one value per
+# thread and per asyncio task, set for one model call.
+# torch.compile cannot trace it and breaks the graph there; the kwargs route has no break.
+_CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)
+
+
+class TableEmbedding(nn.Module):
+    """Replaces the input embedding: looks up table rows, returns their first D columns.
+
+    The blocks may be stored in another dtype than the model runs in (float16, bfloat16, or int8
+    with per-row scales), and the blocks named in `host_blocks` (kept in host memory, or mapped
+    from the folder's file) stay where they are when the model moves or changes dtype: each call
+    converts only the rows it looks up and copies them to the model's device
+    (`table.lookup.gather_rows`, the lookup the vLLM plugin uses too).
+    """
+
+    def __init__(
+        self,
+        residual: Tensor,
+        qkv: Tensor,
+        scale: float | None,
+        layout: TableLayout,
+        scales: dict[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        assert residual.shape[0] == qkv.shape[0], (residual.shape, qkv.shape)
+        # Parameters that require grad, like every weight of a transformers model: torch's matmul
+        # folds (B, T, D) @ W.T into one mm only when W requires grad or the input is contiguous,
+        # and the LM head's input (the last position of a prefill) is not. Without it a tied LM
+        # head would run as a batched matmul, several times slower. (int8 cannot require grad.)
+        self.residual = nn.Parameter(residual, requires_grad=residual.is_floating_point())
+        self.qkv = nn.Parameter(qkv, requires_grad=qkv.is_floating_point())  # (V, W - D)
+        for block in BLOCKS:  # int8 blocks: (V, S) float32 scales, one per row and segment
+            scale_of = (scales or {}).get(block)
+            self.register_parameter(
+                block + SCALE_SUFFIX,
+                None if scale_of is None else nn.Parameter(scale_of, requires_grad=False),
+            )
+        # An embedding scale (Gemma's sqrt(D)), applied at run time so that the stored x can also
+        # serve the LM head.
+        self.scale = scale
+        # Where rows go and in what dtype: the model's, followed through .to() (see _apply).
+        self.dtype = dtype or (residual.dtype if residual.is_floating_point() else torch.float32)
+        self.device = residual.device
+        self.host_blocks: frozenset[str] = frozenset()
+        self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
+        # Each int8 column's segment, which of its row's scales it takes: derived from the
+        # layout, not stored (made on the host, even while the model is built on the meta
+        # device), and moved to its scales' device on first use there.
+        self.segments = {
+            block: column_segments(segments(layout, block), device="cpu")
+            if getattr(self, block + SCALE_SUFFIX) is not None
+            else None
+            for block in BLOCKS
+        }
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.residual.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        """The residual block, for code that asks the input embedding for its dtype or device."""
+        return self.residual
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        first = self.lookup("residual", input_ids)  # (B, T, D)
+        return first if self.scale is None else first * scale_in(self.scale, first.dtype)
+
+    def rows(self, input_ids: Tensor) -> Tensor:
+        """The q, k, v columns of the tokens' rows: (B, T, W - D)."""
+        return self.lookup("qkv", input_ids)
+
+    def lookup(self, block: str, input_ids: Tensor) -> Tensor:
+        """A block's rows for token ids, in the model's dtype on the ids' device."""
+        scales, segment = getattr(self, block + SCALE_SUFFIX), self.segments[block]
+        if scales is not None and segment.device != scales.device:
+            segment = self.segments[block] = segment.to(scales.device)
+        return gather_rows(getattr(self, block), input_ids, self.dtype, scales, segment)
+
+    def keep_on_host(self, blocks: dict[str, Tensor], files: tuple[MappedFile, ...] = ()) -> None:
+        """Replace blocks (and int8 scales) by these host tensors (mapped from `files`, or copied
+        into host memory), which stay where they are when the model moves."""
+        for name, tensor in blocks.items():
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+        self.host_blocks = frozenset(blocks)
+        self.files = files
+
+    def check_files(self) -> None:
+        """Refuse to read a mapped block whose file was truncated or replaced since loading."""
+        for file in self.files:
+            file.check()
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> TableEmbedding:
+        # .to(), .half(), .cuda() reach every module through _apply: follow the model's dtype
+        # and device; host-kept blocks stay where they are (with their scales), int8 scales stay
+        # float32 and move.
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        self.dtype, self.device = probe.dtype, probe.device
+        held = {
+            name: p
+            for name, p in self._parameters.items()
+            if p is not None and (name in self.host_blocks or name.endswith(SCALE_SUFFIX))
+        }
+        self._parameters.update(dict.fromkeys(held))
+        super()._apply(fn, recurse)
+        for name, p in held.items():
+            if name not in self.host_blocks:
+                p = nn.Parameter(p.to(self.device), requires_grad=False)
+            self._parameters[name] = p
+        return self
+
+    def table(self) -> Tensor:
+        """The whole table, [residual | q | k | v] in the model's dtype (a copy, to inspect)."""
+        ids = torch.arange(self.num_embeddings, device=self.residual.device)
+        return torch.cat([self.lookup(block, ids) for block in BLOCKS], dim=1)
+
+    def extra_repr(self) -> str:
+        vocab, hidden = self.residual.shape
+        return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns, qkv in {self.qkv.dtype}"
+
+
+class Columns(nn.Module):
+    """Replaces a q/k/v projection: its precomputed output is a slice of the row's qkv block."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return rows[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop}"
+
+
+class Zeros(nn.Module):
+    """Replaces a parallel block's MLP, whose output is already inside the row's first D columns."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        # A new tensor each call: Falcon adds attention into the MLP output in place.
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], self.hidden_size)
+
+
+def refuse_embeddings_input(kwargs: dict[str, Any]) -> None:
+    for name in ("inputs_embeds", "token_type_ids"):
+        if kwargs.get(name) is not None:
+            raise FirstLayerError(
+                f"a precomputed model takes token ids only, not {name}: its table replaces the "
+                "input embedding, so soft prompts or merged multimodal embeddings cannot pass "
+                "through layer 0; run the original model for those"
+            )
+
+
+class RowsFromTable:
+    """Forward pre-hook of the base model: looks up the call's q/k/v rows and sends them along
+    with the call, as a keyword argument or (where transformers does not thread kwargs that far)
+    in the call's context."""
+
+    def __init__(self, table: TableEmbedding, through_kwargs: bool):
+        self.table = table
+        self.through_kwargs = through_kwargs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        refuse_embeddings_input(kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return args, kwargs  # the family's own forward says what is missing
+        if not torch.compiler.is_compiling():
+            refuse_ids_outside_table(input_ids, self.table.num_embeddings)
+            self.table.check_files()
+        rows = self.table.rows(input_ids)  # (B, T, W - D)
+        if self.through_kwargs:
+            return args, {**kwargs, ROWS_KWARG: rows}
+        _CALL_ROWS.set(rows)
+        return args, kwargs
+
+
+def forget_call_rows(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook of the base model on the context route, run even when the call raises: the
+    rows end with the call that looked them up."""
+    _CALL_ROWS.set(None)
+
+
+def rows_into_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Forward pre-hook of layer 0's attention: the call's rows replace its input, norm(x)."""
+    rows = kwargs.pop(ROWS_KWARG, None)
+    if rows is None:
+        rows = _CALL_ROWS.get()
+    if rows is None:
+        raise FirstLayerError(
+            "layer 0 of a precomputed model ran without table rows: call the model (or its base "
+            "model) with input_ids, not one of its layers"
+        )
+    if "hidden_states" in kwargs:
+        hidden_states = kwargs["hidden_states"]
+        kwargs = {**kwargs, "hidden_states": rows}
+    else:
+        hidden_states, args = args[0], (rows, *args[1:])
+    assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
+    return args, kwargs
+
+
+def refuse_ids_outside_table(input_ids: Tensor, vocab_size: int) -> None:
+    """Refuse ids outside the table: a lookup would fail deep in torch or, on GPUs, read garbage."""
+    if input_ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary of {vocab_size} tokens (valid ids are "
+            f"0..{vocab_size - 1}): check that the tokenizer belongs to this model"
+        )
+
+
+def parts_of(model: nn.Module) -> tuple[Parts, bool]:
+    """Where layer 0's token-local modules are in this model, and whether its blocks are
+    parallel; refuses a family the method does not apply to, or that is not declared."""
+    config = family_config(model.config)
+    parts = family_of(config["model_type"]).parts(model)
+    return parts, is_parallel(config)
+
+
+def lm_head_reads_table(model: nn.Module, parts: Parts, parallel: bool) -> bool:
+    """Whether the LM head will read the table's x block: serial blocks and a tied LM head."""
+    embedding = model.get_submodule(parts.embedding).weight
+    lm_head = model.get_submodule(parts.lm_head).weight
+    # The same Parameter when tied (also on the meta device, where every data_ptr is 0).
+    return not parallel and (
+        lm_head is embedding or lm_head.data_ptr() == embedding.data_ptr() != 0
+    )
+
+
+def patch(
+    model: nn.Module,
+    parts: Parts,
+    layout: TableLayout,
+    residual: Tensor,
+    qkv: Tensor,
+    lm_head_from_table: bool,
+    scales: dict[str, Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Swap layer 0's token-local modules for the table, in place; returns the model.
+
+    lm_head_from_table: the LM head reads the table's x block, the same tensor, as a tied head
+    reads the embedding; for serial models whose LM head was tied to the input embedding.
+    scales: the per-row scales of int8 blocks; dtype: the model's (default: the residual's).
+    """
+    assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
+    assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
+    table = TableEmbedding(residual, qkv, parts.embedding_scale, layout, scales, dtype)
+    model.set_submodule(parts.embedding, table)
+    # The attention norm's work is in the rows, which replace its output on the way in.
+    if parts.attn_norm is not None:
+        model.set_submodule(parts.attn_norm, nn.Identity())
+    for column in layout.columns:
+        start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
+        model.set_submodule(column.module, Columns(start, stop))
+    for name in parts.head_norms.values():
+        model.set_submodule(name, nn.Identity())
+    if layout.is_parallel:
+        if parts.mlp_norm is not None:
+            model.set_submodule(parts.mlp_norm, nn.Identity())
+        model.set_submodule(parts.mlp, Zeros(layout.hidden_size))
+    if lm_head_from_table:
+        assert not layout.is_parallel, "a parallel row's first columns hold x + mlp(x), not x"
+        model.get_submodule(parts.lm_head).weight = table.residual
+    base_model = model.get_submodule(parts.base_model)
+    through_kwargs = threads_kwargs_to_attention(model, parts)
+    base_model.register_forward_pre_hook(RowsFromTable(table, through_kwargs), with_kwargs=True)
+    if not through_kwargs:
+        base_model.register_forward_hook(forget_call_rows, with_kwargs=True, always_call=True)
+    attention = model.get_submodule(parts.attention)
+    attention.register_forward_pre_hook(rows_into_attention, with_kwargs=True)
+    # Refused at the top as well: the base model may never see inputs_embeds (a merge upstream).
+    model.register_forward_pre_hook(refuse_embeddings_at_top, with_kwargs=True)
+    return model
+
+
+def refuse_embeddings_at_top(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    refuse_embeddings_input(kwargs)
+
+
+def threads_kwargs_to_attention(model: nn.Module, parts: Parts) -> bool:
+    """Whether this transformers release hands the model call's keyword arguments through to
+    layer 0's attention: the base model calls its layers with `**kwargs`, and layer 0 calls its
+    attention with `**kwargs`. Read from the installed code, since releases differ (GPT-J has it
+    in 5.24, not in 5.19; Falcon in neither)."""
+    attention_attr = parts.attention.removeprefix(parts.layer + ".")
+    base_model = model.get_submodule(parts.base_model)
+    layer = model.get_submodule(parts.layer)
+    calls_layers = _calls_with_kwargs(type(base_model).forward, lambda f: isinstance(f, ast.Name))
+    calls_attention = _calls_with_kwargs(
+        type(layer).forward,
+        lambda f: (
+            isinstance(f, ast.Attribute)
+            and f.attr == attention_attr
+            and isinstance(f.value, ast.Name)
+            and f.value.id == "self"
+        ),
+    )
+    return calls_layers and calls_attention
+
+
+def _calls_with_kwargs(function: Callable, callee: Callable[[ast.expr], bool]) -> bool:
+    """Whether `function`'s source calls something `callee` accepts with `**kwargs`."""
+    try:
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(function)))
+    except (OSError, TypeError):
+        return False
+    return any(
+        isinstance(node, ast.Call)
+        and callee(node.func)
+        and any(k.arg is None and isinstance(k.value, ast.Name) for k in node.keywords)
+        for node in ast.walk(ast.parse(source))
+    )

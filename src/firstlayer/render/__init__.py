@@ -1,0 +1,2 @@
+"""Rendering: the text every command prints (`text`, torch-free) and plots (`plot`, matplotlib
+loaded only when a picture is asked for)."""

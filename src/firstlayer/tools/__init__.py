@@ -1,0 +1,1 @@
+"""What a user runs on converted models: verify, bench, generate, the demo."""
