@@ -180,3 +180,20 @@ def test_speedup_is_the_median_of_per_pair_ratios():
     pair = pair_of({"original": [10.0, 40.0, 30.0], "precomputed": [5.0, 20.0, 30.0]})
     assert pair.speedup == 2.0  # ratios 2, 2, 1; the ratio of the medians would say 1.5
     assert (pair.ratio.low, pair.ratio.high, pair.ratio.pairs) == (1.0, 2.0, 3)
+
+
+def test_every_batch_is_labelled_with_the_model_it_times():
+    """Each batch's progress and the result name the model benched, whatever batch it is."""
+    labels = []
+    result = bench(
+        build_tiny(FAMILIES[0]),
+        name="tiny llama",
+        batches=(1, 2),
+        new_tokens=2,
+        prompt_tokens=2,
+        repeats=1,
+        progress=lambda label, done, total: labels.append(label),
+    )
+    assert set(labels) == {"tiny llama: batch 1", "tiny llama: batch 2"}, labels
+    assert result.model == "tiny llama"
+    assert set(result.memory_bytes) == {"original", "precomputed"}

@@ -109,12 +109,12 @@ def test_inputs_embeds_are_refused_with_a_clear_error(tiny):
         model(inputs_embeds=embeds)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+def test_token_ids_outside_the_vocabulary_are_refused_as_a_user_error(tiny):
     model = precompute(tiny)
     vocab_size = model.config.vocab_size
-    with pytest.raises(ValueError, match=f"token id {vocab_size} is outside the vocabulary"):
+    with pytest.raises(FirstLayerError, match=f"token id {vocab_size} is outside the vocabulary"):
         model(input_ids=torch.tensor([[1, vocab_size]]))
-    with pytest.raises(ValueError, match="token id -1 is outside"):
+    with pytest.raises(FirstLayerError, match="token id -1 is outside"):
         model(input_ids=torch.tensor([[-1, 2]]))
 
 
@@ -139,3 +139,60 @@ def test_bfloat16_model_table_is_built_in_float32(tiny):
     table = precompute(model_bf16).get_input_embeddings().table()
     assert table.dtype == torch.bfloat16
     assert torch.equal(table, reference.to(torch.bfloat16))
+
+
+def test_a_host_kept_block_gives_the_rows_a_device_kept_one_gives():
+    """The one lookup both engines use: a gather, int8 rows times their segment's scale, and for
+    a block kept in host memory the same rows carried over."""
+    from firstlayer.table.codec import column_segments, quantize_int8
+    from firstlayer.table.lookup import HostStaging, gather_rows
+
+    table = torch.randn(32, 12)
+    ranges = ((0, 4), (4, 8), (8, 12))
+    codes, scales = quantize_int8(table, ranges)
+    segment = column_segments(ranges)
+    ids = torch.tensor([[3, 31, 0], [7, 7, 1]])
+    staging = HostStaging()
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = gather_rows(table, ids, dtype, staging=staging)
+        assert rows.dtype == dtype and torch.equal(rows, table[ids].to(dtype))
+        int8_rows = gather_rows(codes, ids, dtype, scales, segment, staging)
+        expected = (codes[ids].float() * scales[ids].repeat_interleave(4, dim=-1)).to(dtype)
+        assert torch.equal(int8_rows, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("table_dtype", [None, torch.int8])
+def test_a_forward_on_cuda_never_waits_for_the_device(table_dtype):
+    """What firstlayer adds to a step on CUDA (the id check, the lookups, the hooks) queues
+    work and never synchronizes: torch refuses any sync while the debug mode is "error"."""
+    from firstlayer.hf.patch import refuse_ids_outside_table
+
+    family = next(f for f in FAMILIES if f.id == "llama")
+    model = precompute(build_tiny(family), dtype=table_dtype).cuda()
+    table = model.get_input_embeddings()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), device="cuda")
+    table(ids), table.rows(ids)  # segments and caches settle on the device first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        refuse_ids_outside_table(ids, table.num_embeddings)
+        table(ids), table.rows(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_rows_cross_to_cuda_through_reused_pinned_buffers():
+    from firstlayer.table.lookup import HostStaging
+
+    staging, rows = HostStaging(), torch.randn(4, 8)
+    outputs = [staging.to_device(rows * i, torch.float32, torch.device("cuda")) for i in range(6)]
+    buffers = [slot.buffer.data_ptr() for slot in staging._local.slots]
+    assert all(slot.buffer.is_pinned() for slot in staging._local.slots)
+    for i, out in enumerate(outputs):  # every copy read its own rows, none overwritten
+        assert torch.equal(out.cpu(), rows * i)
+    staging.to_device(rows, torch.float32, torch.device("cuda"))
+    assert [slot.buffer.data_ptr() for slot in staging._local.slots] == buffers

@@ -66,3 +66,23 @@ def test_converted_folder_is_self_contained(smollm2_converted):
 
 def test_tied_lm_head_is_stored_once(converted):
     assert converted.lm_head.weight is converted.get_input_embeddings().residual
+
+
+def test_a_model_loaded_from_gguf_is_precomputed_saved_and_loaded(smollm2, tmp_path):
+    """The README's Python workflow on the default model: transformers refuses to save a model
+    loaded through its GGUF "quantizer"; the precomputed one holds plain tensors and saves."""
+    import copy
+    import json
+
+    import firstlayer
+
+    original, tokenizer = smollm2
+    precomputed = firstlayer.precompute(copy.deepcopy(original))
+    out = firstlayer.save(precomputed, tmp_path / "out", tokenizer=tokenizer)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert original.hf_quantizer is not None  # the source is left as it was
+    reloaded = firstlayer.load(out)
+    batch = prompt_batch(tokenizer, (QUESTION, "Hi"), original.config.vocab_size)
+    with torch.inference_mode():
+        expected = original(**batch).logits
+        assert (reloaded(**batch).logits - expected).abs().max() <= FLOAT32_LOGIT_TOLERANCE

@@ -14,6 +14,7 @@ from conftest import (
     Family,
     Run,
     build_tiny,
+    close,
     dequantized_copy,
     engine,
     families,
@@ -292,3 +293,25 @@ def test_bench_in_vllm_times_both_folders_in_pairs(folders):
         assert set(r.transformers_tokens_per_s) == {"original", "precomputed"}
     assert "vLLM" in format_engine_bench(result)
     assert result.to_dict()["results"][0]["decode_speedup"] == result.results[0].decode_speedup
+
+
+def test_a_bench_of_an_engine_that_keeps_no_stats_says_so(folders):
+    """vLLM returns no per-request timestamps when it keeps no stats (an offline LLM's default):
+    the bench names that, rather than failing on the missing stats."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from firstlayer.vllm.bench import decode_ms_per_step
+
+    llm = engine(folders["llama"][1], disable_log_stats=True)
+    try:
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=[5, 6, 7])],
+            SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+            use_tqdm=False,
+        )
+    finally:
+        close(llm)
+    assert outputs[0].metrics is None
+    with pytest.raises(FirstLayerError, match="no token timestamps"):
+        decode_ms_per_step(outputs)

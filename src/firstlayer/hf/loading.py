@@ -257,10 +257,11 @@ def save(
     def write(tmp: Path) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        names = [f.name for f in tmp.iterdir() if f.is_file() and f.name != "config.json"]
-        model.config.firstlayer["files"] = record_files(tmp, names)
-        model.config.save_pretrained(tmp)
+        with without_gguf_quantizer(model):
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            names = [f.name for f in tmp.iterdir() if f.is_file() and f.name != "config.json"]
+            model.config.firstlayer["files"] = record_files(tmp, names)
+            model.config.save_pretrained(tmp)
 
     return publish(Path(path), force, write)
 

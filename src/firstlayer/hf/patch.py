@@ -31,7 +31,7 @@ from firstlayer.safetensors_io import MappedFile
 from firstlayer.table.build import scale_in
 from firstlayer.table.codec import column_segments
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments
-from firstlayer.table.lookup import gather_rows
+from firstlayer.table.lookup import HostStaging, gather_rows
 
 # The keyword under which a call's q/k/v rows travel from the model call to layer 0's attention.
 ROWS_KWARG = "firstlayer_rows"
@@ -83,6 +83,7 @@ class TableEmbedding(nn.Module):
         self.device = residual.device
         self.host_blocks: frozenset[str] = frozenset()
         self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
+        self.staging = {block: HostStaging() for block in BLOCKS}
         # Each int8 column's segment, which of its row's scales it takes: derived from the
         # layout, not stored (made on the host, even while the model is built on the meta
         # device), and moved to its scales' device on first use there.
@@ -115,7 +116,8 @@ class TableEmbedding(nn.Module):
         scales, segment = getattr(self, block + SCALE_SUFFIX), self.segments[block]
         if scales is not None and segment.device != scales.device:
             segment = self.segments[block] = segment.to(scales.device)
-        return gather_rows(getattr(self, block), input_ids, self.dtype, scales, segment)
+        stored = getattr(self, block)
+        return gather_rows(stored, input_ids, self.dtype, scales, segment, self.staging[block])
 
     def keep_on_host(self, blocks: dict[str, Tensor], files: tuple[MappedFile, ...] = ()) -> None:
         """Replace blocks (and int8 scales) by these host tensors (mapped from `files`, or copied
@@ -245,13 +247,19 @@ def rows_into_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any]) 
 
 
 def refuse_ids_outside_table(input_ids: Tensor, vocab_size: int) -> None:
-    """Refuse ids outside the table: a lookup would fail deep in torch or, on GPUs, read garbage."""
+    """Refuse ids outside the table, where a lookup would fail deep in torch. On an accelerator
+    the check is queued as a device-side assertion (as the original's embedding checks its
+    ids), so that no step waits for the device to answer it."""
     if input_ids.numel() == 0:
+        return
+    if input_ids.device.type != "cpu":
+        inside = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        torch._assert_async(inside, f"a token id is outside the vocabulary of {vocab_size}")
         return
     low, high = (int(v) for v in torch.aminmax(input_ids))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(
+        raise FirstLayerError(
             f"token id {bad} is outside the vocabulary of {vocab_size} tokens (valid ids are "
             f"0..{vocab_size - 1}): check that the tokenizer belongs to this model"
         )

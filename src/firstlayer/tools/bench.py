@@ -380,10 +380,10 @@ def bench(
                 },
             )
         )
-        for name, held in (("original", model), ("precomputed", twin)):
-            loop = loops[name]
+        for which, held in (("original", model), ("precomputed", twin)):
+            loop = loops[which]
             resident = weights_count(held) * itemsize + loop.cache_bytes()
-            memory[name] = max(memory.get(name, 0), loop.peak_bytes or resident)
+            memory[which] = max(memory.get(which, 0), loop.peak_bytes or resident)
         del loops
     toy = random_model(toy_width(config), dtype).to(device)
     toy_loop = DecodeLoop(toy, max_tokens, compile)

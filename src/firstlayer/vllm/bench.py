@@ -84,9 +84,12 @@ def decode_ms_per_step(outputs: Sequence[Any]) -> float:
     per_request = []
     for output in outputs:
         stats = output.metrics
-        steps = stats.num_generation_tokens - 1
-        if stats is None or steps < 1 or not stats.last_token_ts:
-            raise FirstLayerError("vLLM returned no token timestamps: is log_stats disabled?")
+        steps = 0 if stats is None else stats.num_generation_tokens - 1
+        if steps < 1 or not stats.last_token_ts:
+            raise FirstLayerError(
+                "vLLM returned no token timestamps (is log_stats disabled?): start the engine "
+                "with disable_log_stats=False and ask for at least 2 new tokens"
+            )
         per_request.append(1e3 * (stats.last_token_ts - stats.first_token_ts) / steps)
     return statistics.median(per_request)
 

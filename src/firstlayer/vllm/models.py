@@ -51,7 +51,7 @@ from firstlayer.hf.models import model_class as transformers_class
 from firstlayer.hf.patch import ROWS_KWARG, parts_of, patch, refuse_embeddings_input
 from firstlayer.table.codec import column_segments, dequantize_int8, empty_blocks
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, segments
-from firstlayer.table.lookup import gather_rows, parse_table_memory
+from firstlayer.table.lookup import HostStaging, gather_rows, parse_table_memory
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
 SEGMENTS = "segment_source"  # likewise for an int8 table's segment number of each column
@@ -102,6 +102,7 @@ class TableRows(nn.Module):
         # columns, after loading.
         self.register_buffer("qkv_scale", None, persistent=False)
         self.register_buffer("column_segment", None, persistent=False)
+        self.staging = HostStaging()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -126,7 +127,9 @@ class TableRows(nn.Module):
 
     def rows(self, input_ids: Tensor, dtype: torch.dtype) -> Tensor:
         """This rank's q/k/v columns of the tokens' rows, in `dtype` on the ids' device."""
-        return gather_rows(self.qkv, input_ids, dtype, self.qkv_scale, self.column_segment)
+        return gather_rows(
+            self.qkv, input_ids, dtype, self.qkv_scale, self.column_segment, self.staging
+        )
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.residual(input_ids)
