@@ -46,17 +46,29 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(_HOMES[name]), name)
 
 
-def _register_with_transformers() -> None:
-    import_module("firstlayer.hf.models").register_with_transformers()
+# What firstlayer registers with a library the moment it is imported: transformers (the
+# precomputed Auto* classes) and PEFT (how adapters meet a precomputed model).
+_REGISTRATIONS = {
+    "transformers": ("firstlayer.hf.models", "register_with_transformers"),
+    "peft": ("firstlayer.hf.peft", "register_with_peft"),
+}
 
 
-class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs the registration right after transformers' own module has executed, so that
+def _register_with(library: str) -> None:
+    home, function = _REGISTRATIONS[library]
+    getattr(import_module(home), function)()
+
+
+class _RegisterWhenLibraryLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs a library's registration right after the library's own module has executed, so that
     `import firstlayer` stays torch-free (for `firstlayer analyze`) yet the user's next
     `from transformers import ...` already knows precomputed models."""
 
+    def __init__(self, library: str):
+        self.library = library
+
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "transformers":
+        if name != self.library:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)  # by the finders after this one
@@ -71,10 +83,13 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder, importlib.abc
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        _register_with_transformers()
+        _register_with(self.library)
 
 
-if "transformers" in sys.modules:
-    _register_with_transformers()
-elif not any(isinstance(f, _RegisterWhenTransformersLoads) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+for _library in _REGISTRATIONS:
+    if _library in sys.modules:
+        _register_with(_library)
+    elif not any(
+        isinstance(f, _RegisterWhenLibraryLoads) and f.library == _library for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _RegisterWhenLibraryLoads(_library))

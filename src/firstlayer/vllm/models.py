@@ -75,6 +75,18 @@ def vllm_table_memory(vllm_config: Any) -> str:
     return memory
 
 
+def refuse_lora(vllm_config: Any) -> None:
+    """Refuse a LoRA-enabled engine: vLLM would wrap every projection but layer 0's q/k/v, which
+    the table replaced, and drop an adapter's layer-0 part without a word."""
+    if vllm_config.lora_config is not None:
+        raise FirstLayerError(
+            "LoRA adapters are not served exactly on a precomputed model yet: layer 0's q/k/v "
+            "are rows of its table, so vLLM would drop every adapter's layer-0 part: serve the "
+            "original folder with enable_lora, or merge the adapter into the original "
+            "(merge_and_unload) and convert the merged model"
+        )
+
+
 class TableRows(nn.Module):
     """The input embedding of a precomputed model in vLLM: token ids -> [x | this rank's q k v]."""
 
@@ -321,6 +333,7 @@ class PrecomputedVllmModel:
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        refuse_lora(vllm_config)
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)  # present, this format, files at their recorded sizes
@@ -413,6 +426,7 @@ class PrecomputedTransformersForCausalLM:
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        refuse_lora(vllm_config)
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)
