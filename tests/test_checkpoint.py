@@ -59,7 +59,16 @@ def test_saved_folder_holds_the_table_and_none_of_the_eliminated_weights(tiny, t
         assert not any(n.startswith(module + ".") for n in names), module
     if record["lm_head"]["reads_table"]:
         assert f"{record['lm_head']['module']}.weight" not in names  # not stored twice
-    assert record["source_fingerprint"] and record["format_version"] == 2  # a float table
+    assert record["source_fingerprint"]
+    if record["architecture"] == "serial" and record["adapter_input"] == "attn_norm":
+        # Format 5: the table module keeps layer 0's attention norm, for adapters.
+        assert record["format_version"] == 5
+        norm = dict(tiny.named_modules())[record["eliminated"][0]]  # layer 0's attention norm
+        table = record["table"]["module"]
+        kept = {n.removeprefix(f"{table}.attn_norm.") for n in names if ".attn_norm." in n}
+        assert kept == set(norm.state_dict())  # none for OLMo's norms without weights
+    else:
+        assert record["format_version"] == 2  # a float table
     assert record["files"][WEIGHTS_FILE]["bytes"] == (out / WEIGHTS_FILE).stat().st_size
 
 

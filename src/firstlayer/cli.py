@@ -215,6 +215,14 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a PEFT adapter folder to merge into SOURCE first (repeatable; plain LoRA is merged "
+        "out of core)",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default="5GB",
         metavar="SIZE",
@@ -239,6 +247,7 @@ def run_convert(args: argparse.Namespace) -> int:
             accept_error=args.accept_error,
             progress=update,
             on_check=checks.append,
+            adapters=args.adapter,
         )
     print(f"wrote {out} ({how}): {folder_line(out)}")
     print(f"self-check: {checks[0].describe()}")
@@ -264,6 +273,14 @@ def add_verify(commands: argparse._SubParsersAction) -> None:
         help="only check N table rows read back from OUT against SOURCE's own layer 0, loading "
         "neither whole model (SOURCE: a safetensors folder)",
     )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="compare against SOURCE with this PEFT adapter merged (repeatable; as OUT was "
+        "converted with --adapter)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run_verify)
 
@@ -280,7 +297,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
     if args.rows is not None:
         return run_verify_rows(args)
-    original = load_source(args.source, dtype=torch.float32, to_convert=True)
+    adapters = tuple(Path(a) for a in args.adapter)
+    original = load_source(args.source, dtype=torch.float32, to_convert=True, adapters=adapters)
     model = load(args.out)
     report = verify(original.model, model, original.tokenizer, max_new_tokens=args.max_new_tokens)
     predicted = analyze(original.model.config.to_dict(), accounting="exact").memory.net
@@ -308,7 +326,7 @@ def run_verify_rows(args: argparse.Namespace) -> int:
 
     from firstlayer.conversion import check_folder_rows
 
-    result = check_folder_rows(args.source, args.out, args.rows)
+    result = check_folder_rows(args.source, args.out, args.rows, tuple(args.adapter))
     if args.json:
         print(json.dumps({**asdict(result), "passed": result.passed}, indent=2))
     else:

@@ -40,11 +40,18 @@ from firstlayer.safetensors_io import (
 from firstlayer.table.codec import dtype_name
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout
 
-# A folder with an int8 table is format 4 (a fused projection's scales per head); every other
-# folder is written as format 2, which it still is, so that older readers keep reading it.
-FORMAT_VERSION = 4
+# A serial folder whose table module keeps layer 0's attention norm is format 5 (its int8 tables
+# as format 4's); one with an int8 table and no kept norm is format 4 (a fused projection's scales
+# per head); every other folder is written as format 2, which it still is, so that older readers
+# keep reading it. docs/formats.md has the history.
+FORMAT_VERSION = 5
+INT8_TABLE_FORMAT = 4
 PLAIN_TABLE_FORMAT = 2
-READABLE_FORMATS = (PLAIN_TABLE_FORMAT, FORMAT_VERSION)
+READABLE_FORMATS = (PLAIN_TABLE_FORMAT, INT8_TABLE_FORMAT, FORMAT_VERSION)
+# What an adapter's layer-0 part reads, norm(x): the attention norm the table module keeps
+# (`<embedding>.attn_norm`), or x itself where layer 0 norms only after attention. A parallel
+# block's rows hold x + mlp(x), so it has none.
+ADAPTER_INPUTS = ("attn_norm", "x")
 WEIGHTS_FILE = WEIGHTS_NAME
 HASH_BLOCK_BYTES = 1 << 24
 
@@ -59,8 +66,13 @@ def table_record(
 ) -> dict:
     """The `firstlayer` section of a precomputed model's config. `table_dtype` is the qkv
     block's, `residual_dtype` the residual block's (default the same)."""
+    adapter_input = adapter_input_of(parts, layout)
+    if adapter_input == "attn_norm":
+        version = FORMAT_VERSION
+    else:
+        version = INT8_TABLE_FORMAT if table_dtype == torch.int8 else PLAIN_TABLE_FORMAT
     return {
-        "format_version": FORMAT_VERSION if table_dtype == torch.int8 else PLAIN_TABLE_FORMAT,
+        "format_version": version,
         "model_type": model_type,
         "architecture": "parallel" if layout.is_parallel else "serial",
         "table": {
@@ -72,7 +84,20 @@ def table_record(
         # Serial models with a tied LM head read the table's x block: one copy of E on disk.
         "lm_head": {"module": parts.lm_head, "reads_table": lm_head_reads_table},
         "eliminated": list(parts.eliminated(layout.is_parallel)),
+        **({"adapter_input": adapter_input} if adapter_input else {}),
     }
+
+
+def adapter_input_of(parts: Parts, layout: TableLayout) -> str | None:
+    """What a serial model keeps for an adapter's layer-0 part (`ADAPTER_INPUTS`), or None."""
+    if layout.is_parallel:
+        return None
+    return "attn_norm" if parts.attn_norm is not None else "x"
+
+
+def keeps_attn_norm(record: dict) -> bool:
+    """Whether a folder's table module holds layer 0's attention norm."""
+    return record.get("adapter_input") == "attn_norm"
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -229,7 +254,8 @@ def read_record(path: str | Path) -> dict:
             "convert it with `firstlayer convert SOURCE OUT`"
         )
     if record.get("format_version") not in READABLE_FORMATS:
-        readable = " and ".join(str(v) for v in READABLE_FORMATS)
+        *others, last = (str(v) for v in READABLE_FORMATS)
+        readable = f"{', '.join(others)} and {last}"
         raise FirstLayerError(
             f"{path} has firstlayer format {record.get('format_version')}, this version reads "
             f"{readable}: convert the source again with `firstlayer convert`"

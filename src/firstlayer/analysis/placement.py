@@ -36,7 +36,7 @@ def placements(analysis: Analysis, model_bytes: int = MODEL_DTYPE_BYTES) -> tupl
     the rows read."""
     m = analysis.dims
     qkv_width = m.q_dim + 2 * m.e
-    eliminated = analysis.eliminated_weights * model_bytes
+    eliminated = analysis.memory.decrease * model_bytes
     # A parallel model's input embedding is replaced by the residual block, unless it is tied.
     embedding_freed = m.vocab_size * m.d * model_bytes if m.is_parallel and not m.is_tied else 0
     out = []

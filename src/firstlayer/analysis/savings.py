@@ -376,8 +376,12 @@ def _memory(m: ModelDims, exact: bool, row_width: int, eliminated: int, total: i
     # embedding stays for the LM head (the paper's accounting ignores that case).
     keeps_embedding = exact and m.is_tied and m.is_parallel
     increase = (row_width if keeps_embedding else row_width - m.d) * m.vocab_size
-    net = increase - eliminated
-    return Memory(increase, eliminated, net, net / total)
+    # A serial model keeps layer 0's attention norm beside the table (read only by an adapter's
+    # layer-0 part, which needs norm(x)): it leaves the reads, not the memory.
+    keeps_norm = exact and not m.is_parallel and m.extras.has_attn_norm
+    decrease = eliminated - (m.extras.norm_vectors * m.d if keeps_norm else 0)
+    net = increase - decrease
+    return Memory(increase, decrease, net, net / total)
 
 
 def _check_bound(a: Analysis) -> None:

@@ -12,6 +12,7 @@ Options travel as one `ConvertOptions`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,12 +48,15 @@ from firstlayer.conversion.weights import (
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import Parts, family_config, family_of
 from firstlayer.folder import (
+    file_sha256,
     is_precomputed_folder,
+    keeps_attn_norm,
     publish,
     read_record,
     table_record,
     write_folder,
 )
+from firstlayer.hf.adapters import merge_adapters, plain_lora_deltas
 from firstlayer.hf.loading import (
     load_source,
     load_tokenizer,
@@ -61,7 +65,7 @@ from firstlayer.hf.loading import (
     refuse_mismatched_shapes,
 )
 from firstlayer.hf.models import adopt, as_saved, saved_config
-from firstlayer.hf.patch import lm_head_reads_table, parts_of, patch
+from firstlayer.hf.patch import lm_head_reads_table, parts_of, patch_as_recorded
 from firstlayer.safetensors_io import DEFAULT_MAX_SHARD_SIZE, SafetensorsFolder, TensorSpec
 from firstlayer.table.build import TokenLocal, table_chunks
 from firstlayer.table.codec import TABLE_DTYPES, block_dtypes, encode_rows
@@ -91,6 +95,7 @@ class ConvertOptions:
     accept_error: bool = False  # publish a table past its dtype's self-check bound, recorded
     progress: Progress | None = None  # (rows done, rows in all), after each chunk
     on_check: Callable[[SelfCheck], None] | None = None  # receives the self-check's result
+    adapters: tuple[Path, ...] = ()  # PEFT adapter folders, merged into the source first
 
     @classmethod
     def of(cls, options: ConvertOptions | None = None, **settings: Any) -> ConvertOptions:
@@ -102,7 +107,29 @@ class ConvertOptions:
             settings["dtype"] = parse_dtype(settings["dtype"])
         if "table_dtype" in settings:
             settings["table_dtype"] = parse_table_dtype(settings["table_dtype"])
+        if "adapters" in settings:
+            settings["adapters"] = tuple(Path(a) for a in settings["adapters"] or ())
+            refuse_missing_adapters(settings["adapters"])
         return dataclasses.replace(options or cls(), **settings)
+
+
+def refuse_missing_adapters(folders: tuple[Path, ...]) -> None:
+    for folder in folders:
+        if not (folder / "adapter_config.json").is_file():
+            raise FirstLayerError(
+                f"{folder}: not a PEFT adapter (no adapter_config.json): pass the folder PEFT's "
+                "save_pretrained wrote"
+            )
+
+
+def adapters_record(folders: tuple[Path, ...]) -> list[dict]:
+    """Which adapters a folder's weights have merged in, each by name and checksum."""
+    record = []
+    for folder in folders:
+        weights = next(folder.glob("adapter_model.*"), None)
+        digest = file_sha256(weights) if weights is not None else None
+        record.append({"name": folder.name, "sha256": digest})
+    return record
 
 
 @dataclass(frozen=True)
@@ -266,17 +293,8 @@ def precompute(
     del token_local
     self_check(weights, planned, sink.read, table_dtype, options, record)
     model.config.firstlayer = record
-    blocks = sink.blocks
-    patch(
-        model,
-        planned.parts,
-        planned.layout,
-        blocks["residual"],
-        blocks["qkv"],
-        planned.lm_head_reads_table,
-        sink.scales,
-        model_dtype,
-    )
+    parts, layout = planned.parts, planned.layout
+    patch_as_recorded(model, parts, layout, record, sink.blocks, sink.scales, model_dtype)
     return adopt(model)
 
 
@@ -298,6 +316,8 @@ def convert(
     """
     plan_for(model)  # refuses a precomputed model before anything is read
     options = ConvertOptions.of(options, **settings)
+    if options.adapters:  # merged into a copy: the model is left untouched
+        model = merge_adapters(copy.deepcopy(model), list(options.adapters))
     return write_converted(loaded_weights(model, tokenizer), out, options)
 
 
@@ -311,9 +331,17 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     dtype = options.dtype or model.get_submodule(parts.embedding).weight.dtype
     record["source_fingerprint"] = weights.fingerprint
     vocab_size = weights.embedding_weight.shape[0]
+    if options.adapters:
+        record["adapters"] = adapters_record(options.adapters)
     dropped = {f"{parts.lm_head}.weight"} if planned.lm_head_reads_table else set()
     eliminated = (parts.embedding, *parts.eliminated(layout.is_parallel))
     kept = as_saved(model, kept_weights(model, eliminated, dropped))
+    # A serial model's attention norm moves into the table module (`hf.patch.AdapterInput`).
+    kept_norm = {}
+    if keeps_attn_norm(record):
+        norm = model.get_submodule(parts.attn_norm).state_dict()
+        kept_norm = {f"{parts.embedding}.attn_norm.{k}": t for k, t in norm.items()}
+    kept = {**kept_norm, **kept}
     specs = []
     for block in BLOCKS:
         name = f"{parts.embedding}.{block}"
@@ -332,7 +360,8 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
 
     def copies() -> Iterator[tuple[str, Tensor]]:  # runs beside the table, in a thread
         for name, tensor in kept.items():
-            for rows in weights.blocks(name, tensor):
+            blocks = iter((tensor,)) if name in kept_norm else weights.blocks(name, tensor)
+            for rows in blocks:
                 yield name, rows.to(cast_dtype(rows, dtype))
 
     def check_rows(tmp: Path) -> None:
@@ -390,10 +419,17 @@ def convert_checkpoint(
     **settings: Any,
 ) -> Path:
     """`convert` for a safetensors folder (sharded or not) that is never loaded: the same
-    folder, byte for byte, in memory that does not grow with the model's depth. Raises
-    NeedsLoading for a checkpoint whose weights transformers combines on loading."""
+    folder, byte for byte, in memory that does not grow with the model's depth; plain LoRA
+    adapters (`adapters`) merged into the weights as they are read. Raises NeedsLoading for a
+    checkpoint whose weights transformers combines on loading, or adapters that PEFT must merge
+    into a loaded model (DoRA, biases, embeddings, modules saved whole)."""
     options = ConvertOptions.of(options, **settings)
-    weights = checkpoint_weights(Path(source), tokenizer)
+    deltas = None
+    if options.adapters:
+        deltas = plain_lora_deltas(list(options.adapters))
+        if deltas is None:
+            raise NeedsLoading("these adapters are merged by PEFT into a loaded model")
+    weights = checkpoint_weights(Path(source), tokenizer, deltas)
     refuse_larger_vocabulary(tokenizer, weights.model, Path(source))
     return write_converted(weights, out, options)
 
@@ -413,16 +449,30 @@ def convert_source(
         try:
             return convert_checkpoint(path, out, load_tokenizer(path), options), "out of core"
         except NeedsLoading:
-            pass  # Mixtral's experts: transformers fuses them on loading
+            pass  # Mixtral's experts (fused on loading), or adapters beyond plain LoRA
     loaded = load_source(spec, to_convert=True)
-    return convert(loaded.model, out, loaded.tokenizer, options), "loaded in memory"
+    model = loaded.model
+    plan_for(model)  # refuses a precomputed model before anything is merged
+    if options.adapters:  # into the model loaded for this conversion: no copy
+        model = merge_adapters(model, list(options.adapters))
+    written = write_converted(loaded_weights(model, loaded.tokenizer), out, options)
+    return written, "loaded in memory"
 
 
-def check_folder_rows(source: str | Path, out: str | Path, count: int | None = None) -> SelfCheck:
+def check_folder_rows(
+    source: str | Path, out: str | Path, count: int | None = None, adapters: tuple = ()
+) -> SelfCheck:
     """The conversion's self-check on a written folder: `count` table rows read back from OUT
-    against SOURCE's own layer 0, loading neither whole model (SOURCE: a safetensors folder)."""
+    against SOURCE's own layer 0 (with plain LoRA `adapters` merged), loading neither whole model
+    (SOURCE: a safetensors folder)."""
     record = read_record(out)
-    model, folder, names = meta_model(Path(source))
+    deltas = plain_lora_deltas([Path(a) for a in adapters]) if adapters else None
+    if adapters and deltas is None:
+        raise FirstLayerError(
+            "verify --rows merges plain LoRA adapters only: leave out --rows to compare the "
+            "loaded models"
+        )
+    model, folder, names = meta_model(Path(source), deltas)
     parts, _ = parts_of(model)
     layout = TableLayout.from_dict(record["table"])
     for module_name in token_local_modules(model):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import family_config, family_of
+from firstlayer.hf.adapters import LoraDeltas
 from firstlayer.hf.models import weight_conversions
 from firstlayer.hf.patch import parts_of
 from firstlayer.safetensors_io import SafetensorsFolder
@@ -123,14 +124,16 @@ class CheckpointRows:
         return self._digest.hexdigest()
 
 
-def checkpoint_weights(source: Path, tokenizer: Any | None = None) -> Weights:
+def checkpoint_weights(
+    source: Path, tokenizer: Any | None = None, deltas: LoraDeltas | None = None
+) -> Weights:
     """A safetensors folder (sharded or not) as a conversion's source, never loaded.
 
     Raises FirstLayerError when the checkpoint lacks a tensor the config's model needs (layer 0
     included) or holds one of another shape (`checkpoint_names`), and NeedsLoading for one whose
     weights transformers combines on loading.
     """
-    model, folder, names = meta_model(source)
+    model, folder, names = meta_model(source, deltas)
     parts, _ = parts_of(model)
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
@@ -162,14 +165,17 @@ def checkpoint_weights(source: Path, tokenizer: Any | None = None) -> Weights:
     return Weights(model, embedding, blocks, source_fingerprint, tokenizer)
 
 
-def meta_model(source: Path) -> tuple[nn.Module, SafetensorsFolder, dict[str, str]]:
-    """The config's model on the meta device, the checkpoint, and for every state-dict name the
-    checkpoint tensor holding it (a tied weight may be stored under its partner's name)."""
+def meta_model(
+    source: Path, deltas: LoraDeltas | None = None
+) -> tuple[nn.Module, SafetensorsFolder, dict[str, str]]:
+    """The config's model on the meta device, the checkpoint (read with adapters merged, where
+    `deltas` are given), and for every state-dict name the checkpoint tensor holding it (a tied
+    weight may be stored under its partner's name)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     family_of(family_config(config)["model_type"])  # refuses an unsupported family first
-    folder = SafetensorsFolder(source)
+    folder = SafetensorsFolder(source) if deltas is None else AdaptedCheckpoint(source, deltas)
     dtype = config.dtype or next(
         (folder.dtype(n) for n in folder.names() if folder.dtype(n).is_floating_point),
         torch.float32,
@@ -179,7 +185,43 @@ def meta_model(source: Path) -> tuple[nn.Module, SafetensorsFolder, dict[str, st
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     names = checkpoint_names(model, folder, source)
+    if deltas is not None:
+        folder.adapt(names, model)
     return model.eval(), folder, names
+
+
+class AdaptedCheckpoint(SafetensorsFolder):
+    """A checkpoint read as if adapters were merged into it: each range of rows of an adapted
+    weight gains its change, in float32, then rounded to the stored dtype (as PEFT's merge adds
+    into a loaded model's weight)."""
+
+    def __init__(self, folder: Path, deltas: LoraDeltas):
+        super().__init__(folder)
+        self.deltas = deltas
+        self.adapted: dict[str, str] = {}  # checkpoint tensor -> the parameter an adapter changes
+
+    def adapt(self, names: dict[str, str], model: nn.Module) -> None:
+        """Where each adapted parameter is stored, refusing an adapter of what the model lacks."""
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        for name, terms in self.deltas.factors.items():
+            if name not in names:
+                raise FirstLayerError(
+                    f"an adapter changes {name}, which this checkpoint's model has not: pass the "
+                    "adapters trained on this model"
+                )
+            for a, b, _ in terms:
+                if (b.shape[0], a.shape[1]) != shapes[name]:
+                    raise FirstLayerError(
+                        f"an adapter's change to {name} is {[b.shape[0], a.shape[1]]}, the "
+                        f"weight is {list(shapes[name])}: pass the adapters trained on this model"
+                    )
+            self.adapted[names[name]] = name
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        rows = super().rows(name, start, stop)
+        if name not in self.adapted:
+            return rows
+        return self.deltas.merged_rows(self.adapted[name], rows, start)
 
 
 class NeedsLoading(FirstLayerError):

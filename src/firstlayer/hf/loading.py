@@ -26,6 +26,7 @@ from firstlayer.folder import (
     record_files,
     require_files,
 )
+from firstlayer.hf.adapters import merge_adapters
 from firstlayer.hf.models import PrecomputedForCausalLM, register_with_transformers
 from firstlayer.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
@@ -45,12 +46,21 @@ def load_source(
     dtype: torch.dtype | None = None,
     allow_random: bool = False,
     to_convert: bool = False,
+    adapters: tuple[Path, ...] = (),
 ) -> Loaded:
     """Load SOURCE for conversion, verification or generation (precomputed folders included).
 
     to_convert: the caller will precompute the model, so refuse a precomputed folder or a family
-    the converter does not support now, before any weights are read.
+    the converter does not support now, before any weights are read. adapters: PEFT adapter
+    folders merged into the loaded model (a precomputed folder takes them through PEFT instead).
     """
+    loaded = _load_source(spec, dtype, allow_random, to_convert)
+    if adapters:
+        loaded.model = merge_adapters(loaded.model, [Path(a) for a in adapters])
+    return loaded
+
+
+def _load_source(spec: str, dtype: Any, allow_random: bool, to_convert: bool) -> Loaded:
     path = Path(spec)
     if is_precomputed_folder(path):
         if to_convert:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from torch import Tensor, nn
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import SUPPORTED_TYPES, family_config
 from firstlayer.folder import mapped_table, record_weight_files, require_files
-from firstlayer.hf.patch import TableEmbedding, parts_of, patch
-from firstlayer.table.codec import empty_blocks
-from firstlayer.table.layout import TableLayout, table_layout
+from firstlayer.hf.patch import TableEmbedding, parts_of, patch_as_recorded
+from firstlayer.table.build import TokenLocal, table_chunks
+from firstlayer.table.codec import empty_blocks, encode_rows
+from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments, table_layout
 from firstlayer.table.lookup import parse_table_memory
 
 PRECOMPUTED_PREFIX = "firstlayer_"
@@ -65,6 +67,7 @@ class PrecomputedForCausalLM:
         if not isinstance(self.get_input_embeddings(), TableEmbedding):
             install_empty_table(self)
         tie_lm_head_to_table(self)
+        watch_source_weights(self)
         super().post_init()
 
     @classmethod
@@ -121,10 +124,7 @@ def install_empty_table(model: nn.Module) -> None:
     blocks, scales = empty_blocks(
         record["table"], layout, weight.shape[0], weight.dtype, weight.device
     )
-    reads_table = bool(record["lm_head"]["reads_table"])
-    patch(
-        model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, weight.dtype
-    )
+    patch_as_recorded(model, parts, layout, record, blocks, scales, weight.dtype)
 
 
 def tie_lm_head_to_table(model: nn.Module) -> None:
@@ -208,7 +208,76 @@ def adopt(model: nn.Module) -> nn.Module:
     model.__class__ = model_class(family)
     tie_lm_head_to_table(model)
     model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+    watch_source_weights(model)
     return model
+
+
+def watch_source_weights(model: nn.Module) -> None:
+    """`load_state_dict` of the table's sources under the original's names computes the table
+    again, or refuses (`SourceWeights`). Idempotent."""
+    if not getattr(model, "firstlayer_watches_sources", False):
+        model.register_load_state_dict_pre_hook(SourceWeights())
+        model.firstlayer_watches_sources = True
+
+
+class SourceWeights:
+    """load_state_dict pre-hook of a precomputed model: new values for what the table was
+    computed from, under the original's names (its embedding, layer 0's token-local modules),
+    compute the table again when all of them arrive together, and are refused by name when only
+    some do: a precomputed model never keeps a stale table."""
+
+    def __call__(self, model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        original = copy.deepcopy(original_on_meta(model.config))  # materialized below
+        parts, parallel = parts_of(original)
+        needed = {f"{parts.embedding}.weight"} | {
+            f"{module}.{name}"
+            for module in parts.token_local(parallel)
+            for name in original.get_submodule(module).state_dict()
+        }
+        arrived = {k.removeprefix(prefix) for k in state_dict if k.startswith(prefix)} & needed
+        if not arrived:
+            return
+        missing = sorted(needed - arrived)
+        if missing:
+            raise FirstLayerError(
+                f"new weights for {', '.join(sorted(arrived)[:3])} arrived without "
+                f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}: the table's rows "
+                "are computed from all of them together, so a precomputed model takes them all "
+                "at once or none (load the whole state dict, or convert the updated model)"
+            )
+        tensors = {name: state_dict.pop(prefix + name) for name in needed}
+        compute_table_again(model, original, parts, tensors)
+        # The table's own tensors, as now computed, for the load (strict ones ask for them).
+        table = model.get_input_embeddings()
+        for name, tensor in table.state_dict().items():
+            state_dict[f"{prefix}{parts.embedding}.{name}"] = tensor
+
+
+@torch.no_grad()
+def compute_table_again(
+    model: nn.Module, original: nn.Module, parts: Any, tensors: dict[str, Tensor]
+) -> None:
+    """The table's rows from new source weights, written over the old ones in place (a tied LM
+    head keeps reading the residual block it shares)."""
+    for module in parts.token_local(model.config.firstlayer["architecture"] == "parallel"):
+        layer = original.get_submodule(module)
+        layer.to_empty(device="cpu")
+        layer.load_state_dict({k: tensors[f"{module}.{k}"] for k in layer.state_dict()})
+    table = model.get_input_embeddings()
+    layout = TableLayout.from_dict(model.config.firstlayer["table"])
+    embedding = tensors[f"{parts.embedding}.weight"]
+    token_local = TokenLocal(original, parts, layout, embedding_weight=embedding)
+    for block in BLOCKS:
+        stored, scales = getattr(table, block), getattr(table, block + SCALE_SUFFIX)
+        ranges = segments(layout, block)
+        for start, rows in table_chunks(token_local, stored.shape[0], block):
+            codes, row_scales = encode_rows(rows, stored.dtype, ranges)
+            stored[start : start + len(rows)] = codes.to(stored.device)
+            if scales is not None:
+                scales[start : start + len(rows)] = row_scales.to(scales.device)
+    if table.attn_norm is not None:
+        norm = original.get_submodule(parts.attn_norm).state_dict()
+        table.attn_norm.load_state_dict(norm)
 
 
 def __getattr__(name: str) -> type:
@@ -284,3 +353,21 @@ def as_saved(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     if not any(isinstance(t, WeightConverter) for t in weight_conversions(model)):
         return weights
     return dict(revert_weight_conversion(model, weights))
+
+
+def original_on_meta(config: Any) -> nn.Module:
+    """The original family's model of a precomputed config, on the meta device: the module tree
+    (and names) the table replaced part of. Costs no memory."""
+    return _original_on_meta(json.dumps(family_config(config), sort_keys=True, default=str))
+
+
+@functools.cache
+def _original_on_meta(config_json: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = json.loads(config_json)
+    values.pop("firstlayer", None)
+    config = CONFIG_MAPPING[values["model_type"]].from_dict(values)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).eval()

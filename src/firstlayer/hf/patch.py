@@ -81,6 +81,7 @@ class TableEmbedding(nn.Module):
         # Where rows go and in what dtype: the model's, followed through .to() (see _apply).
         self.dtype = dtype or (residual.dtype if residual.is_floating_point() else torch.float32)
         self.device = residual.device
+        self.attn_norm: nn.Module | None = None  # layer 0's, kept for adapters (`patch`)
         self.host_blocks: frozenset[str] = frozenset()
         self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
         self.staging = {block: HostStaging() for block in BLOCKS}
@@ -127,6 +128,12 @@ class TableEmbedding(nn.Module):
         self.host_blocks = frozenset(blocks)
         self.files = files
 
+    def replace_block(self, name: str, tensor: Tensor) -> None:
+        """A block's new values (an adapter merged into it), where the old ones were: a host-kept
+        block stays on the host, now in process memory."""
+        old = getattr(self, name)
+        setattr(self, name, nn.Parameter(tensor.to(old.device), requires_grad=False))
+
     def check_files(self) -> None:
         """Refuse to read a mapped block whose file was truncated or replaced since loading."""
         for file in self.files:
@@ -162,17 +169,69 @@ class TableEmbedding(nn.Module):
 
 
 class Columns(nn.Module):
-    """Replaces a q/k/v projection: its precomputed output is a slice of the row's qkv block."""
+    """Replaces a q/k/v projection: its precomputed output is a slice of the row's qkv block.
 
-    def __init__(self, start: int, stop: int):
+    `adapter` is the model's `AdapterInput`: an adapter's layer-0 part (`hf.peft.ColumnsLora`)
+    reads norm(x) from it. The zero-size `weight` only tells PEFT and accelerate the module's
+    device and dtype."""
+
+    def __init__(self, start: int, stop: int, adapter: AdapterInput | None = None, dtype=None):
         super().__init__()
         self.start, self.stop = start, stop
+        self.adapter = adapter
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.adapter.hidden_size
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
 
     def forward(self, rows: Tensor) -> Tensor:
         return rows[..., self.start : self.stop]
 
     def extra_repr(self) -> str:
         return f"columns {self.start}:{self.stop}"
+
+
+class AdapterInput:
+    """What an adapter's layer-0 part reads: norm(x), as layer 0's attention norm makes it from
+    the input x layer 0 receives (`kind` "attn_norm", the norm the table module keeps), or x
+    itself where layer 0 norms only after attention ("x"). None for a parallel block, whose
+    rows hold x + mlp(x) and no x. While an adapter asks for it (`requested`), layer 0's
+    attention receives [q k v | norm(x)] and each `Columns` keeps reading its own slice.
+
+        serial, with an adapter on layer 0's P in {q, k, v}:  P(n(x)) = T[t] + B·A·n(x)
+    """
+
+    def __init__(self, model: nn.Module, table: TableEmbedding, parts: Parts, kind: str | None):
+        self.kind = kind
+        self.table = table
+        self.hidden_size = table.residual.shape[1]
+        self.qkv_width = table.qkv.shape[1]
+        self.embedding_multiplier = parts.embedding_multiplier
+        norm = parts.embedding_norm
+        self.embedding_norm = None if norm is None else model.get_submodule(norm)
+        self.requested = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """norm(x) for layer 0's input x."""
+        if self.kind == "attn_norm":
+            return self.table.attn_norm(x)
+        return x
+
+    def for_vocabulary(self) -> Tensor:
+        """norm(x) for every token id, (V, D): layer 0's input as the base model makes it (the
+        embedding's scale, a multiplier, an embedding norm), then the attention norm."""
+        ids = torch.arange(self.table.num_embeddings, device=self.table.residual.device)
+        x = self.table(ids)
+        if self.embedding_multiplier is not None:
+            x = x * self.embedding_multiplier
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        return self(x)
 
 
 class Zeros(nn.Module):
@@ -227,23 +286,30 @@ def forget_call_rows(module: nn.Module, args: tuple, kwargs: dict, output: Any) 
     _CALL_ROWS.set(None)
 
 
-def rows_into_attention(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
-    """Forward pre-hook of layer 0's attention: the call's rows replace its input, norm(x)."""
-    rows = kwargs.pop(ROWS_KWARG, None)
-    if rows is None:
-        rows = _CALL_ROWS.get()
-    if rows is None:
-        raise FirstLayerError(
-            "layer 0 of a precomputed model ran without table rows: call the model (or its base "
-            "model) with input_ids, not one of its layers"
-        )
-    if "hidden_states" in kwargs:
-        hidden_states = kwargs["hidden_states"]
-        kwargs = {**kwargs, "hidden_states": rows}
-    else:
-        hidden_states, args = args[0], (rows, *args[1:])
-    assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
-    return args, kwargs
+class RowsIntoAttention:
+    """Forward pre-hook of layer 0's attention: the call's rows replace its input, norm(x) (the
+    attention norm is an Identity, so the input is x); while an adapter asks for it, norm(x)
+    follows the rows."""
+
+    def __init__(self, adapter: AdapterInput):
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        rows = kwargs.pop(ROWS_KWARG, None)
+        if rows is None:
+            rows = _CALL_ROWS.get()
+        if rows is None:
+            raise FirstLayerError(
+                "layer 0 of a precomputed model ran without table rows: call the model (or its "
+                "base model) with input_ids, not one of its layers"
+            )
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
+        if self.adapter.requested:  # [q k v | norm(x)]: (B, T, W - D + D)
+            rows = torch.cat([rows, self.adapter(hidden_states).to(rows.dtype)], dim=-1)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": rows}
+        return (rows, *args[1:]), kwargs
 
 
 def refuse_ids_outside_table(input_ids: Tensor, vocab_size: int) -> None:
@@ -292,23 +358,32 @@ def patch(
     lm_head_from_table: bool,
     scales: dict[str, Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    keep_attn_norm: bool = False,
+    adapter_input: str | None = None,
 ) -> nn.Module:
     """Swap layer 0's token-local modules for the table, in place; returns the model.
 
     lm_head_from_table: the LM head reads the table's x block, the same tensor, as a tied head
     reads the embedding; for serial models whose LM head was tied to the input embedding.
     scales: the per-row scales of int8 blocks; dtype: the model's (default: the residual's).
+    keep_attn_norm: the table module keeps layer 0's attention norm (`attn_norm`), which only an
+    adapter's layer-0 part runs; adapter_input: "x" for a serial layer 0 without an attention norm
+    (see `AdapterInput`; None where a folder records neither).
     """
     assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
     assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
     table = TableEmbedding(residual, qkv, parts.embedding_scale, layout, scales, dtype)
+    if keep_attn_norm:
+        table.attn_norm = model.get_submodule(parts.attn_norm)
+    kind = None if layout.is_parallel else ("attn_norm" if keep_attn_norm else adapter_input)
+    adapter = AdapterInput(model, table, parts, kind)
     model.set_submodule(parts.embedding, table)
     # The attention norm's work is in the rows, which replace its output on the way in.
     if parts.attn_norm is not None:
         model.set_submodule(parts.attn_norm, nn.Identity())
     for column in layout.columns:
         start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
-        model.set_submodule(column.module, Columns(start, stop))
+        model.set_submodule(column.module, Columns(start, stop, adapter, table.dtype))
     for name in parts.head_norms.values():
         model.set_submodule(name, nn.Identity())
     if layout.is_parallel:
@@ -324,10 +399,36 @@ def patch(
     if not through_kwargs:
         base_model.register_forward_hook(forget_call_rows, with_kwargs=True, always_call=True)
     attention = model.get_submodule(parts.attention)
-    attention.register_forward_pre_hook(rows_into_attention, with_kwargs=True)
+    attention.register_forward_pre_hook(RowsIntoAttention(adapter), with_kwargs=True)
     # Refused at the top as well: the base model may never see inputs_embeds (a merge upstream).
     model.register_forward_pre_hook(refuse_embeddings_at_top, with_kwargs=True)
     return model
+
+
+def patch_as_recorded(
+    model: nn.Module,
+    parts: Parts,
+    layout: TableLayout,
+    record: dict,
+    blocks: dict[str, Tensor],
+    scales: dict[str, Tensor] | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """`patch` with what a folder's record says: whether the LM head reads the table, whether
+    the table module keeps layer 0's attention norm, what an adapter's layer-0 part reads."""
+    adapter_input = record.get("adapter_input")
+    return patch(
+        model,
+        parts,
+        layout,
+        blocks["residual"],
+        blocks["qkv"],
+        bool(record["lm_head"]["reads_table"]),
+        scales,
+        dtype,
+        keep_attn_norm=adapter_input == "attn_norm",
+        adapter_input=adapter_input,
+    )
 
 
 def refuse_embeddings_at_top(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
