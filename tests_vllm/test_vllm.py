@@ -315,10 +315,3 @@ def test_a_bench_of_an_engine_that_keeps_no_stats_says_so(folders):
     assert outputs[0].metrics is None
     with pytest.raises(FirstLayerError, match="no token timestamps"):
         decode_ms_per_step(outputs)
-
-
-def test_a_lora_enabled_engine_is_refused_by_name_not_run(folders):
-    """Until layer 0's part of an adapter is applied exactly, LoRA is refused at start: vLLM
-    would otherwise drop it and answer differently without a word."""
-    with pytest.raises(Exception, match="LoRA adapters are not served exactly"):
-        engine(folders["llama"][1], enable_lora=True, max_lora_rank=8, max_loras=2)

@@ -15,9 +15,13 @@ def register() -> None:
 
     from firstlayer.families import SUPPORTED_TYPES
     from firstlayer.hf.models import register_with_transformers
+    from firstlayer.vllm.lora import guard_front_end
     from firstlayer.vllm.models import architecture
+    from firstlayer.vllm.updates import guard_updates
 
     register_with_transformers()
+    guard_front_end()
+    guard_updates()
     # Every family the converter supports: those the plugin does not serve get a class that
     # refuses with the reason, rather than vLLM's "architecture not supported".
     for model_type in SUPPORTED_TYPES:

@@ -45,13 +45,20 @@ from firstlayer.families import (
     VllmOwnClass,
     family_of,
 )
-from firstlayer.folder import require_files
+from firstlayer.folder import keeps_attn_norm, require_files
 from firstlayer.hf.models import as_saved, to_host
 from firstlayer.hf.models import model_class as transformers_class
-from firstlayer.hf.patch import ROWS_KWARG, parts_of, patch, refuse_embeddings_input
+from firstlayer.hf.patch import (
+    ROWS_KWARG,
+    parts_of,
+    patch_as_recorded,
+    refuse_embeddings_input,
+)
 from firstlayer.table.codec import column_segments, dequantize_int8, empty_blocks
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, segments
 from firstlayer.table.lookup import HostStaging, gather_rows, parse_table_memory
+from firstlayer.vllm.lora import guard_manager, lora_layer
+from firstlayer.vllm.updates import refuse_stale_table
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
 SEGMENTS = "segment_source"  # likewise for an int8 table's segment number of each column
@@ -73,18 +80,6 @@ def vllm_table_memory(vllm_config: Any) -> str:
             "cannot capture: also pass enforce_eager=True (--enforce-eager)"
         )
     return memory
-
-
-def refuse_lora(vllm_config: Any) -> None:
-    """Refuse a LoRA-enabled engine: vLLM would wrap every projection but layer 0's q/k/v, which
-    the table replaced, and drop an adapter's layer-0 part without a word."""
-    if vllm_config.lora_config is not None:
-        raise FirstLayerError(
-            "LoRA adapters are not served exactly on a precomputed model yet: layer 0's q/k/v "
-            "are rows of its table, so vLLM would drop every adapter's layer-0 part: serve the "
-            "original folder with enable_lora, or merge the adapter into the original "
-            "(merge_and_unload) and convert the merged model"
-        )
 
 
 class TableRows(nn.Module):
@@ -161,16 +156,26 @@ class SplitRows(nn.Module):
 
     vLLM's serial layers take (hidden_states, residual) and, given a residual, call their norm as
     `norm(hidden_states, residual) -> (normed, new residual)`. Layer 0 is handed the table row as
-    both, so its norm returns the rows for attention and x as the residual stream."""
+    both, so its norm returns the rows for attention and x as the residual stream. `norm` is
+    layer 0's own attention norm, kept where the folder keeps it (the weights of the table
+    module's `attn_norm`); with LoRA on (`with_adapter_input`) attention gets [q k v | norm(x)],
+    the same norm on the same x as the original's layer 0."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(
+        self, hidden_size: int, norm: nn.Module | None = None, with_adapter_input: bool = False
+    ):
         super().__init__()
         self.hidden_size = hidden_size
+        self.norm = norm
+        self.with_adapter_input = with_adapter_input
 
     def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> tuple[Tensor, ...]:
         if residual is None:
             raise FirstLayerError("layer 0 of a precomputed model must be given the table row")
         x, rows = split_row(hidden_states, self.hidden_size)
+        if self.with_adapter_input:
+            normed = x if self.norm is None else self.norm(x)
+            return torch.cat([rows, normed], dim=-1), x
         return rows, x
 
     def extra_repr(self) -> str:
@@ -252,17 +257,35 @@ def first_layer_class(kind: str, base: type) -> type:
 def vllm_name(model: nn.Module, name: str) -> str:
     """A transformers module name in vLLM's tree, by the family's own checkpoint mapper
     (GPT-OSS keeps its embedding as `model.embedding`)."""
-    mapper = getattr(type(model), "hf_to_vllm_mapper", None)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
     if mapper is None:
         return name
     mapped = mapper._map_name(f"{name}.weight")
     return name if mapped is None else mapped.removesuffix(".weight")
 
 
+def vllm_module_name(model: nn.Module, name: str) -> str:
+    """A transformers module name as vLLM names an adapter's module: its parent mapped as the
+    family's checkpoint mapper maps it, its own name kept (the mapper would rename q_proj into
+    the packed qkv_proj, while an adapter's modules are named before packing)."""
+    parent, _, leaf = name.rpartition(".")
+    if not parent:
+        return name
+    probe = vllm_name(model, f"{parent}.firstlayer_probe")
+    return f"{probe.removesuffix('.firstlayer_probe')}.{leaf}"
+
+
 def install_table(
-    model: nn.Module, family: VllmOwnClass, record: dict, vocab_size: int, memory: str = "device"
+    model: nn.Module,
+    family: VllmOwnClass,
+    record: dict,
+    vocab_size: int,
+    memory: str = "device",
+    lora_config: Any = None,
 ) -> None:
-    """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table."""
+    """Swap layer 0's token-local modules of a freshly built vLLM model for an empty table; with
+    LoRA on (`lora_config`), layer 0's q/k/v take an adapter's part where the folder keeps what
+    it reads (`vllm.lora`)."""
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     layout = TableLayout.from_dict(record["table"])
@@ -312,13 +335,20 @@ def install_table(
     rows = TableRows(embedding, source, family.qkv, scale, segment_source, memory == "host")
     model.set_submodule(embedding_name, rows)
 
-    attention.set_submodule(family.qkv, RowsAsProjection())
+    adapter_input = record.get("adapter_input")
+    with_lora = lora_config is not None and family.kind == "serial" and adapter_input is not None
+    if with_lora:
+        attention.set_submodule(family.qkv, lora_layer(projection, model, family.qkv, lora_config))
+    else:
+        attention.set_submodule(family.qkv, RowsAsProjection())
     for name in family.head_norms:
         if hasattr(attention, name):
             attention.set_submodule(name, nn.Identity())
     eliminated = [n for n in (*family.norms, family.mlp) if n is not None and hasattr(layer, n)]
     if family.kind == "serial":
-        layer.set_submodule(family.norms[0], SplitRows(layout.hidden_size))
+        norm = layer.get_submodule(family.norms[0]) if keeps_attn_norm(record) else None
+        split = SplitRows(layout.hidden_size, norm, with_adapter_input=with_lora)
+        layer.set_submodule(family.norms[0], split)
         eliminated = eliminated[1:]
     for name in eliminated:
         layer.set_submodule(name, Eliminated(f"{family.layer}.{name}"))
@@ -326,14 +356,48 @@ def install_table(
     layer.__class__ = first_layer_class(family.kind, type(layer))
 
 
-class PrecomputedVllmModel:
+class PrecomputedInVllm:
+    """What both routes share: adapters refused where inexact, updates where they would leave
+    the table stale (`vllm.updates`), the first load told from later ones."""
+
+    hf_config: Any
+    firstlayer_loaded: bool = False  # the first load_weights has run
+
+    def makes_table_stale(self, name: str) -> bool:
+        """Whether new values for checkpoint tensor `name` would leave the table behind: the
+        table's own, the embedding's, layer 0's token-local modules', a tied LM head's."""
+        record = self.hf_config.firstlayer
+        modules = [record["table"]["module"], *record["eliminated"]]
+        if record["lm_head"]["reads_table"]:
+            modules.append(record["lm_head"]["module"])
+        return any(name.startswith(f"{module}.") for module in modules)
+
+    def load_update(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        """A load after the first: new values for some weights, none the table depends on."""
+        weights = list(weights)
+        refuse_stale_table(self, (name for name, _ in weights))
+        return set(super().load_weights(weights))
+
+    # vLLM's LoRA manager ends its __init__ with `model.lora_manager = manager`: the one place a
+    # model meets it, where the plugin has it refuse adapters it cannot apply exactly.
+
+    @property
+    def lora_manager(self) -> Any:
+        return self.__dict__.get("firstlayer_lora_manager")
+
+    @lora_manager.setter
+    def lora_manager(self, manager: Any) -> None:
+        self.__dict__["firstlayer_lora_manager"] = manager
+        guard_manager(manager, self.hf_config, functools.partial(vllm_module_name, self))
+
+
+class PrecomputedVllmModel(PrecomputedInVllm):
     """Mixed in before vLLM's own causal-LM class of a family."""
 
     family: VllmOwnClass
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        refuse_lora(vllm_config)
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)  # present, this format, files at their recorded sizes
@@ -342,11 +406,20 @@ class PrecomputedVllmModel:
         config = vllm_config.model_config.hf_config
         self.hf_config = config
         self.firstlayer_record = config.firstlayer
-        install_table(self, self.family, self.firstlayer_record, config.vocab_size, memory)
+        install_table(
+            self,
+            self.family,
+            self.firstlayer_record,
+            config.vocab_size,
+            memory,
+            vllm_config.lora_config,
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """The family's loader, fed the table under the names of the modules it fills; raises if
         any parameter was left unloaded (vLLM's own check exempts ordinary linears)."""
+        if self.firstlayer_loaded:
+            return self.load_update(weights)
         record = self.firstlayer_record
         embedding = record["table"]["module"]
         layout = TableLayout.from_dict(record["table"])
@@ -373,6 +446,9 @@ class PrecomputedVllmModel:
                         yield f"{table}.residual.weight", residual
                 elif block == "residual":
                     yield f"{table}.residual.weight", tensor
+                elif block.startswith("attn_norm."):  # layer 0's norm, into SplitRows
+                    norm = f"{vllm_name(self, self.family.layer)}.{self.family.norms[0]}.norm"
+                    yield f"{norm}.{block.removeprefix('attn_norm.')}", tensor
                 elif block == "qkv":
                     segment = segment_weight(layout) if tensor.dtype == torch.int8 else None
                     for column in layout.columns:
@@ -390,6 +466,7 @@ class PrecomputedVllmModel:
         loaded = set(super().load_weights(renamed()))
         refuse_missing(self, self.hf_config, arrived, loaded)
         self.get_submodule(table).take_loaded_columns(int8.get(f"qkv{SCALE_SUFFIX}"))
+        self.firstlayer_loaded = True
         internal = (f".{SOURCE}.", f".{SEGMENTS}.")
         return {n for n in loaded if not any(i in n for i in internal)} | {f"{table}.qkv"}
 
@@ -416,7 +493,7 @@ def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set
         )
 
 
-class PrecomputedTransformersForCausalLM:
+class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
     """Mixed in before vLLM's Transformers backend, for the families vLLM has no class of its
     own for (GPT-NeoX, Phi): the backend builds the family's transformers model with vLLM's
     linears and attention, and layer 0 is then patched exactly as on the transformers side
@@ -426,7 +503,6 @@ class PrecomputedTransformersForCausalLM:
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        refuse_lora(vllm_config)
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)
@@ -470,6 +546,8 @@ class PrecomputedTransformersForCausalLM:
         return super().forward(input_ids, positions, intermediate_tensors, None, **kwargs)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        if self.firstlayer_loaded:
+            return self.load_update(weights)
         arrived = set()
 
         def seen() -> Iterable[tuple[str, Tensor]]:
@@ -479,6 +557,7 @@ class PrecomputedTransformersForCausalLM:
 
         loaded = set(super().load_weights(seen()))
         refuse_missing(self, self.hf_config, arrived, loaded)
+        self.firstlayer_loaded = True
         return loaded
 
 
@@ -541,8 +620,7 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
     if memory == "host" and not recorded.is_parallel:
         # A serial row's residual block is the embedding and tied LM head: with the weights.
         blocks["residual"] = blocks["residual"].to(torch.empty(0).device)
-    reads_table = bool(record["lm_head"]["reads_table"])
-    patch(model, parts, layout, blocks["residual"], blocks["qkv"], reads_table, scales, model_dtype)
+    patch_as_recorded(model, parts, layout, record, blocks, scales, model_dtype)
     table = model.get_submodule(parts.embedding)
     # One scale per row and recorded segment, also where the backend fused the projections.
     for block in BLOCKS:

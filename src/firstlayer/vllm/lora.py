@@ -1,0 +1,144 @@
+"""LoRA on a precomputed model in vLLM (`enable_lora=True`), exact.
+
+vLLM's LoRA manager wraps every linear layer it knows; layer 0's q/k/v are rows of the table,
+which it does not know, so the plugin builds that layer itself: a subclass of vLLM's own q/k/v
+LoRA layer (its per-slot stacks, `set_lora`, tensor-parallel slicing, punica kernels and per-token
+slot mapping), whose input is [this rank's q k v rows | norm(x)] and whose output is the rows plus
+B·A·norm(x). The manager takes a module that already is a LoRA layer as it is and fills its slots.
+
+    original:     qkv = W·n(x) + B·A·n(x)       (one QKVParallelLinear with LoRA)
+    precomputed:  qkv = T[t]   + B·A·n(x)       (n(x) from the norm the table module keeps)
+
+What the table replaced and no layer here applies exactly is refused by name when the adapter is
+loaded (`add_lora`, or the worker's load of a request's adapter), and, for a request's adapter,
+already in the front end, before the engine sees the request: an adapter the worker refuses
+while a step runs would take the engine down with it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from firstlayer.errors import FirstLayerError
+from firstlayer.families import VllmBackend, family_of
+from firstlayer.hf.adapters import AdapterTargets, adapter_module_names, adapter_targets
+
+
+@functools.cache
+def rows_with_lora_class(packed: int) -> type:
+    """Layer 0's q/k/v with LoRA, on vLLM's layer for the family's packing: q, k and v packed
+    into one qkv_proj (3), or one fused projection (1)."""
+    from vllm.lora.layers import MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA
+
+    base = MergedQKVParallelLinearWithLoRA if packed == 3 else QKVParallelLinearWithLoRA
+
+    class RowsWithLoRA(base):
+        """[q k v rows | norm(x)] -> (rows + B·A·norm(x), None), for this rank's columns."""
+
+        def __init__(self, projection: nn.Module, rows_width: int):
+            super().__init__(projection)
+            # The projection gives shapes and sharding only: hidden from the manager (which
+            # would wrap a LinearBase) and from the loader, its weight dropped.
+            projection = self._modules.pop("base_layer")
+            projection.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            self.__dict__["base_layer"] = projection
+            self.rows_width = rows_width
+
+        def forward(self, rows_and_input: Tensor) -> tuple[Tensor, None]:
+            sizes = [self.rows_width, rows_and_input.shape[-1] - self.rows_width]
+            rows, normed = rows_and_input.split(sizes, dim=-1)
+            output = rows.contiguous()
+            if getattr(self, "punica_wrapper", None) is not None:  # set by the LoRA manager
+                lora_output = self.punica_wrapper.add_lora_linear(
+                    output,
+                    normed.contiguous(),
+                    self.lora_a_stacked,
+                    self.lora_b_stacked,
+                    1.0,
+                    self.output_slices,
+                )
+                if lora_output is not None:  # where a platform cannot add in place
+                    output = lora_output
+            return output, None
+
+    return RowsWithLoRA
+
+
+def lora_layer(projection: nn.Module, model: nn.Module, qkv: str, lora_config: Any) -> nn.Module:
+    """Layer 0's q/k/v with LoRA slots, shaped and sharded like `projection`."""
+    packed = len(getattr(type(model), "packed_modules_mapping", {}).get(qkv, ["q", "k", "v"]))
+    if lora_config.fully_sharded_loras and projection.tp_size > 1:
+        raise FirstLayerError(
+            "fully_sharded_loras shards an adapter's A over ranks, which layer 0's precomputed "
+            "q/k/v do not: serve without --fully-sharded-loras"
+        )
+    layer = rows_with_lora_class(packed)(projection, projection.output_size_per_partition)
+    layer.create_lora_weights(lora_config.max_loras, lora_config, model.config)
+    return layer
+
+
+def vllm_targets(hf_config: Any) -> AdapterTargets:
+    """The adapter rules in vLLM: the transformers side's (`hf.adapters`), but where the family
+    runs through vLLM's Transformers backend, layer 0's q/k/v take no adapter yet."""
+    targets = adapter_targets(hf_config)
+    family = hf_config.firstlayer["model_type"]
+    if not isinstance(family_of(family).vllm_route(family), VllmBackend):
+        return targets
+    why = (
+        "on vLLM's Transformers backend route (this family's) the plugin does not apply an "
+        "adapter to layer 0's precomputed q/k/v yet"
+    )
+    refused = {**targets.refused, **dict.fromkeys(targets.exact, why)}
+    return AdapterTargets(frozenset(), targets.embedding, refused)
+
+
+def refuse_adapter(hf_config: Any, folder: str | Path, name: str) -> None:
+    """Raise if a PEFT adapter folder targets what the table replaced and vLLM cannot apply
+    exactly, naming the modules, why, and the way forward."""
+    vllm_targets(hf_config).refuse(adapter_module_names(Path(folder)), f"LoRA adapter {name!r}")
+
+
+def guard_manager(manager: Any, hf_config: Any, vllm_name: Callable[[str], str]) -> None:
+    """Wrap a LoRA manager's add_adapter (what `add_lora` and a request's first use of an
+    adapter call, right after loading its weights) to refuse what is not exact, by the names
+    vLLM gave the adapter's modules (`vllm_name` maps the original's to them)."""
+    targets = vllm_targets(hf_config)
+    in_vllm = AdapterTargets(
+        frozenset(vllm_name(n) for n in targets.exact),
+        vllm_name(targets.embedding),
+        {vllm_name(n): why for n, why in targets.refused.items()},
+    )
+    add_adapter = manager.add_adapter
+
+    @functools.wraps(add_adapter)
+    def checked(lora: Any) -> Any:
+        in_vllm.refuse(list(lora.loras), f"LoRA adapter {lora.id}")
+        return add_adapter(lora)
+
+    manager.add_adapter = checked
+
+
+def guard_front_end() -> None:
+    """Check a request's adapter in the front end, before the engine sees it: refused there, the
+    request fails and the engine serves on. Idempotent."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    validate = InputProcessor._validate_lora
+    if getattr(validate, "firstlayer", False):
+        return
+
+    @functools.wraps(validate)
+    def validate_lora(self: Any, lora_request: Any) -> None:
+        validate(self, lora_request)
+        hf_config = self.model_config.hf_config
+        if lora_request is not None and getattr(hf_config, "firstlayer", None):
+            refuse_adapter(hf_config, lora_request.lora_path, lora_request.lora_name)
+
+    validate_lora.firstlayer = True
+    InputProcessor._validate_lora = validate_lora
