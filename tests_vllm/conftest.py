@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -35,8 +36,23 @@ _spec = importlib.util.spec_from_file_location(
 families = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = families
 _spec.loader.exec_module(families)
-Family, build_tiny = families.Family, families.build_tiny
+Family = families.Family
 smollm2 = families.smollm2  # the real SmolLM2, dequantised once per session (a fixture)
+
+
+def build_tiny(family: Any, seed: int = 0) -> torch.nn.Module:
+    """The transformers-side tiny model, built under an uncompiled vLLM config: once vLLM's
+    Transformers backend has served a family it decorates transformers' classes in place
+    (support_torch_compile), and building one of them then needs a current vLLM config. With
+    compilation off the decorated model runs its plain forward."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+
+    uncompiled = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
+    # The backend's decoration asks the model's config whether it could compile (rope scaling).
+    uncompiled.model_config = SimpleNamespace(hf_config=family.config())
+    with set_current_vllm_config(uncompiled):
+        return families.build_tiny(family, seed)
+
 
 # vLLM's CPU attention takes head sizes of 32 and up: the tiny configs are widened to 128.
 WIDE = dict(hidden_size=128, num_attention_heads=4, initializer_range=0.3)
@@ -104,7 +120,8 @@ def engine(folder: Path, run: Run = Run(), **overrides: Any):
     # running beside it), or one core per rank (the automatic binding refuses 2 ranks on this
     # single NUMA node).
     one_rank = os.environ.get("TESTS_VLLM_CPUS", "0-1")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if run.tensor_parallel_size == 2 else one_rank
+    ranks = run.tensor_parallel_size * overrides.get("pipeline_parallel_size", 1)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if ranks == 2 else one_rank
     settings = dict(
         model=str(folder),
         dtype="float32",
@@ -117,7 +134,17 @@ def engine(folder: Path, run: Run = Run(), **overrides: Any):
         tensor_parallel_size=run.tensor_parallel_size,
         enforce_eager=run.enforce_eager,
     )
-    return LLM(**{**settings, **overrides})
+    try:
+        return LLM(**{**settings, **overrides})
+    except BaseException:
+        # An engine that fails to start in this process leaves its parallel groups behind, and
+        # the next engine would reuse them (an MoE model's then lacks its expert group).
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+        gc.unfreeze()
+        raise
 
 
 def close(llm: Any) -> None:

@@ -25,6 +25,7 @@ from conftest import (
     rewrite_folder,
     widened,
 )
+from safetensors.torch import load_file, save_file
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import SUPPORTED_TYPES, VllmNotServed, family_of
@@ -265,6 +266,9 @@ def test_a_format_1_folder_is_refused_not_run(folders, workdir):
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     config["firstlayer"]["format_version"] = 1
     (folder / "config.json").write_text(json.dumps(config))
+    weights = folder / "model.safetensors"  # format 1 kept no attention norm beside the table
+    tensors = {k: v for k, v in load_file(weights).items() if ".attn_norm." not in k}
+    save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="no module or parameter named 'embed_tokens.qkv'"):
         engine(folder)
 
