@@ -3,9 +3,12 @@
     pip install -e '.[vllm]'   # vLLM's CUDA build
     python benchmarks/vllm_gpu.py --out results/   # writes vllm_gpu.json there, prints a summary
 
-1. For tiny random models of a serial, a per-head-normed, a scaled and two parallel families:
+1. For tiny random models of a serial, a per-head-normed, a scaled and two parallel families,
+   and one served through vLLM's Transformers backend:
    float32 greedy tokens (32 new, six prompts of mixed lengths in one batch) of the precomputed
-   folder against the original folder, eager and compiled; with --tensor-parallel 2 on two GPUs.
+   folder against the original folder, eager and compiled; with --tensor-parallel 2 on two GPUs,
+   with --pipeline-parallel 2 on two pipeline stages (both folders served the same way; the
+   Transformers-backend route only with one rank per stage).
 2. Where the table lives: a Gemma 3 270M-shaped model (262k vocabulary, random), original and
    converted with float32 and int8 tables, each table on the device and in host memory
    (`hf_overrides={"table_memory": "host"}`, eager): CUDA memory the engine's weights take, and
@@ -37,6 +40,7 @@ CHECKS = {
     "gemma3_text": dict(head_dim=32, sliding_window=4, num_key_value_heads=1),
     "gptj": dict(n_embd=128, n_head=4, n_layer=2, rotary_dim=8, vocab_size=256, n_positions=256),
     "falcon": dict(multi_query=True, parallel_attn=True, alibi=False, bias=False),
+    "gpt_neox": dict(rotary_pct=0.25),  # vLLM's Transformers backend: one rank per stage
 }
 WIDE = dict(
     hidden_size=128,
@@ -59,7 +63,13 @@ def tiny(model_type: str):
 
 
 def greedy(
-    folder: Path, prompts: list[list[int]], eager: bool, tp: int, weights_bytes=False, **overrides
+    folder: Path,
+    prompts: list[list[int]],
+    eager: bool,
+    tp: int,
+    weights_bytes=False,
+    pp: int = 1,
+    **overrides,
 ):
     """Greedy tokens and logprobs; with `weights_bytes=True` also the CUDA memory the engine's
     model took (allocated after loading, before the KV cache, which is fixed in size)."""
@@ -76,7 +86,9 @@ def greedy(
         seed=0,
         enforce_eager=eager,
         tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
         kv_cache_memory_bytes=1 << 28,
+        **({"distributed_executor_backend": "mp"} if pp > 1 else {}),
         **overrides,
     )
     weights = torch.cuda.memory_allocated() - before - (1 << 28)
@@ -134,7 +146,7 @@ def table_placement(root: Path) -> list[dict]:
     return rows
 
 
-def exactness(root: Path, tp: int) -> list[dict]:
+def exactness(root: Path, tp: int, pp: int = 1) -> list[dict]:
     from firstlayer.conversion import convert
 
     generator = torch.Generator().manual_seed(1)
@@ -142,14 +154,16 @@ def exactness(root: Path, tp: int) -> list[dict]:
         torch.randint(3, 256, (n,), generator=generator).tolist() for n in (3, 1, 17, 8, 5, 12)
     ]
     rows = []
-    for model_type in CHECKS:
+    # The Transformers-backend route runs the table on one rank only (tensor parallel refused).
+    families = [f for f in CHECKS if tp == 1 or f != "gpt_neox"]
+    for model_type in families:
         model = tiny(model_type)
         original = root / f"{model_type}-original"
         model.save_pretrained(original)
         precomputed = convert(model, root / f"{model_type}-precomputed")
         for eager in (True, False):
-            expected, expected_lp = greedy(original, prompts, eager, tp)
-            got, got_lp = greedy(precomputed, prompts, eager, tp)
+            expected, expected_lp = greedy(original, prompts, eager, tp, pp=pp)
+            got, got_lp = greedy(precomputed, prompts, eager, tp, pp=pp)
             difference = max(
                 abs(a - b)
                 for x, y in zip(expected_lp, got_lp, strict=True)
@@ -159,6 +173,7 @@ def exactness(root: Path, tp: int) -> list[dict]:
                 family=model_type,
                 eager=eager,
                 tensor_parallel=tp,
+                pipeline_parallel=pp,
                 tokens_equal=got == expected,
                 max_logprob_difference=difference,
             )
@@ -201,6 +216,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--pipeline-parallel", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args()
@@ -208,7 +224,7 @@ def main() -> int:
         print("no CUDA device: this script is for a GPU machine", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        rows = exactness(Path(tmp), args.tensor_parallel)
+        rows = exactness(Path(tmp), args.tensor_parallel, args.pipeline_parallel)
         placement = table_placement(Path(tmp))
     report = {"device": torch.cuda.get_device_name(), "exactness": rows, "table": placement}
     if not args.skip_bench:

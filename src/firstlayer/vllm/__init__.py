@@ -15,6 +15,7 @@ def register() -> None:
 
     from firstlayer.families import SUPPORTED_TYPES
     from firstlayer.hf.models import register_with_transformers
+    from firstlayer.vllm.checks import register_engine_checks
     from firstlayer.vllm.lora import guard_front_end
     from firstlayer.vllm.models import architecture
     from firstlayer.vllm.updates import guard_updates
@@ -24,10 +25,12 @@ def register() -> None:
     guard_updates()
     # Every family the converter supports: those the plugin does not serve get a class that
     # refuses with the reason, rather than vLLM's "architecture not supported".
-    for model_type in SUPPORTED_TYPES:
-        name = architecture(model_type)
+    names = [architecture(model_type) for model_type in SUPPORTED_TYPES]
+    for name in names:
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")
+    # Checked where the engine's config is built, before any engine process starts.
+    register_engine_checks(names)
 
 
 __all__ = ["register"]

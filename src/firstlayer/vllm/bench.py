@@ -94,6 +94,18 @@ def decode_ms_per_step(outputs: Sequence[Any]) -> float:
     return statistics.median(per_request)
 
 
+def speculative_counters(llm: Any) -> dict[str, Any]:
+    """vLLM's speculative-decoding counters of an engine (drafts, draft tokens, accepted tokens,
+    accepted per position), by name without the `vllm:spec_decode_` prefix."""
+    from vllm.v1.metrics.reader import Vector
+
+    return {
+        m.name.removeprefix("vllm:spec_decode_"): m.values if isinstance(m, Vector) else m.value
+        for m in llm.get_metrics()
+        if m.name.startswith("vllm:spec_decode")
+    }
+
+
 def start_engine(folder: Path, dtype: str, compile: bool, max_model_len: int, max_seqs: int):
     from vllm import LLM
 

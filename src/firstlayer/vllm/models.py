@@ -57,6 +57,7 @@ from firstlayer.hf.patch import (
 from firstlayer.table.codec import column_segments, dequantize_int8, empty_blocks
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, segments
 from firstlayer.table.lookup import HostStaging, gather_rows, parse_table_memory
+from firstlayer.vllm.checks import check_engine
 from firstlayer.vllm.lora import guard_manager, lora_layer
 from firstlayer.vllm.updates import refuse_stale_table
 
@@ -139,10 +140,16 @@ class TableRows(nn.Module):
         )
 
     def forward(self, input_ids: Tensor) -> Tensor:
+        # An id outside the vocabulary (vLLM checks ids only where it has a tokenizer) reads a
+        # zero row, as the original's sharded embedding reads a zero embedding for it: raising
+        # here, inside the engine's step, would kill the engine for every client.
+        inside = (input_ids >= 0) & (input_ids < self.qkv.shape[0])
+        input_ids = torch.where(inside, input_ids, 0)
         x = self.residual(input_ids)
         if self.scale is not None:
             x = x * self.scale  # as the family's embed_input_ids scales it (Gemma's sqrt(D))
-        return torch.cat([x, self.rows(input_ids, x.dtype)], dim=-1)
+        row = torch.cat([x, self.rows(input_ids, x.dtype)], dim=-1)
+        return row * inside.unsqueeze(-1).to(row.dtype)
 
 
 def split_row(hidden_states: Tensor, hidden_size: int) -> tuple[Tensor, Tensor]:
@@ -159,14 +166,15 @@ class SplitRows(nn.Module):
     both, so its norm returns the rows for attention and x as the residual stream. `norm` is
     layer 0's own attention norm, kept where the folder keeps it (the weights of the table
     module's `attn_norm`); with LoRA on (`with_adapter_input`) attention gets [q k v | norm(x)],
-    the same norm on the same x as the original's layer 0."""
+    the same norm on the same x as the original's layer 0. It is `kept_norm`, not `norm`: vLLM's
+    Mistral loader renames any weight path holding a `norm` segment to the final norm's."""
 
     def __init__(
         self, hidden_size: int, norm: nn.Module | None = None, with_adapter_input: bool = False
     ):
         super().__init__()
         self.hidden_size = hidden_size
-        self.norm = norm
+        self.kept_norm = norm
         self.with_adapter_input = with_adapter_input
 
     def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -174,7 +182,7 @@ class SplitRows(nn.Module):
             raise FirstLayerError("layer 0 of a precomputed model must be given the table row")
         x, rows = split_row(hidden_states, self.hidden_size)
         if self.with_adapter_input:
-            normed = x if self.norm is None else self.norm(x)
+            normed = x if self.kept_norm is None else self.kept_norm(x)
             return torch.cat([rows, normed], dim=-1), x
         return rows, x
 
@@ -252,6 +260,41 @@ ROW_LAYERS = {
 @functools.cache
 def first_layer_class(kind: str, base: type) -> type:
     return type(f"FirstLayer{base.__name__}", (ROW_LAYERS[kind], base), {})
+
+
+def holds_layer_0(model: nn.Module, name: str) -> bool:
+    """Whether this pipeline stage holds layer 0 (`name`, or a module inside it: vLLM puts a
+    placeholder where a stage lacks a layer), and so the table. Only the first stage may: the
+    token ids enter there (`checks.refuse_layer_0_off_the_first_stage`)."""
+    from vllm.distributed import get_pp_group
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    parts = name.split(".")
+    path = (".".join(parts[: i + 1]) for i in range(len(parts)))
+    here = not any(isinstance(model.get_submodule(p), PPMissingLayer) for p in path)
+    if here != get_pp_group().is_first_rank:
+        raise FirstLayerError(
+            "firstlayer's table feeds layer 0 from the first pipeline stage's embedding, and "
+            "layer 0 is not on the first stage: give the first stage at least one layer "
+            "(VLLM_PP_LAYER_PARTITION)"
+        )
+    return here
+
+
+def other_stage_weights(
+    model: nn.Module, weights: Iterable[tuple[str, Tensor]], module: str, table: str
+) -> Iterable[tuple[str, Tensor]]:
+    """The weights of a pipeline stage without layer 0: the table module's go nowhere, except
+    on a last stage whose LM head is tied to the embedding, where the residual block (a serial
+    row's x, the embedding itself, in the model's dtype) is the embedding's weight."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    tied_here = not isinstance(model.get_submodule(table), PPMissingLayer)
+    for name, tensor in weights:
+        if not name.startswith(f"{module}."):
+            yield name, tensor
+        elif tied_here and name == f"{module}.residual":
+            yield f"{module}.weight", tensor
 
 
 def vllm_name(model: nn.Module, name: str) -> str:
@@ -401,19 +444,24 @@ class PrecomputedVllmModel(PrecomputedInVllm):
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)  # present, this format, files at their recorded sizes
+        check_engine(vllm_config)
         memory = vllm_table_memory(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         self.hf_config = config
         self.firstlayer_record = config.firstlayer
-        install_table(
-            self,
-            self.family,
-            self.firstlayer_record,
-            config.vocab_size,
-            memory,
-            vllm_config.lora_config,
-        )
+        # Pipeline parallel: the first stage holds layer 0 and the table, the others are built
+        # as vLLM builds them.
+        self.holds_table = holds_layer_0(self, vllm_name(self, self.family.layer))
+        if self.holds_table:
+            install_table(
+                self,
+                self.family,
+                self.firstlayer_record,
+                config.vocab_size,
+                memory,
+                vllm_config.lora_config,
+            )
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """The family's loader, fed the table under the names of the modules it fills; raises if
@@ -428,9 +476,20 @@ class PrecomputedVllmModel(PrecomputedInVllm):
         arrived = set()
         int8 = {}  # the int8 blocks' scales, and a parallel row's int8 residual until its scale
 
-        def renamed() -> Iterable[tuple[str, Tensor]]:
+        def seen() -> Iterable[tuple[str, Tensor]]:
             for name, tensor in weights:
                 arrived.add(name)
+                yield name, tensor
+
+        if not self.holds_table:
+            stage = other_stage_weights(self, seen(), embedding, table)
+            loaded = set(super().load_weights(stage))
+            refuse_missing(self, self.hf_config, arrived, loaded)
+            self.firstlayer_loaded = True
+            return loaded
+
+        def renamed() -> Iterable[tuple[str, Tensor]]:
+            for name, tensor in seen():
                 block = name.removeprefix(f"{embedding}.")
                 if block in (f"residual{SCALE_SUFFIX}", f"qkv{SCALE_SUFFIX}") or (
                     block == "residual" and tensor.dtype == torch.int8
@@ -447,7 +506,7 @@ class PrecomputedVllmModel(PrecomputedInVllm):
                 elif block == "residual":
                     yield f"{table}.residual.weight", tensor
                 elif block.startswith("attn_norm."):  # layer 0's norm, into SplitRows
-                    norm = f"{vllm_name(self, self.family.layer)}.{self.family.norms[0]}.norm"
+                    norm = f"{vllm_name(self, self.family.layer)}.{self.family.norms[0]}.kept_norm"
                     yield f"{norm}.{block.removeprefix('attn_norm.')}", tensor
                 elif block == "qkv":
                     segment = segment_weight(layout) if tensor.dtype == torch.int8 else None
@@ -506,15 +565,16 @@ class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             require_files(folder)
+        check_engine(vllm_config)
         memory = vllm_table_memory(vllm_config)
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise FirstLayerError(
-                f"vLLM serves {self.model_type} through its Transformers backend, where "
-                "firstlayer's table runs on one rank only: use tensor_parallel_size=1"
-            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.hf_config = vllm_config.model_config.hf_config
-        patch_transformers_backend(self, self.hf_config, memory)
+        record = self.hf_config.firstlayer
+        # Layer 0, by the module of the table's first columns (a projection inside it).
+        first = TableLayout.from_dict(record["table"]).columns[0].module
+        self.holds_table = holds_layer_0(self, backend_name(self, first))
+        if self.holds_table:
+            patch_transformers_backend(self, self.hf_config, memory)
 
     @functools.cached_property
     def _from_config_kwargs(self) -> dict[str, Any]:
@@ -538,6 +598,8 @@ class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
         transformers model (vLLM's compile wrapper calls the model's forward directly, so the
         base model's pre-hook that looks them up on the transformers side does not run)."""
         refuse_embeddings_input({"inputs_embeds": inputs_embeds})
+        if not self.holds_table:  # a later pipeline stage: layer 0 ran on the first
+            return super().forward(input_ids, positions, intermediate_tensors, None, **kwargs)
         table = self.model.get_input_embeddings()
         rows = table.rows(input_ids if input_ids.ndim == 2 else input_ids[None])
         # As long as the token count, which vLLM's compiled graph leaves dynamic.
@@ -555,7 +617,12 @@ class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
                 arrived.add(name)
                 yield name, tensor
 
-        loaded = set(super().load_weights(seen()))
+        stream = seen()
+        if not self.holds_table:
+            module = self.hf_config.firstlayer["table"]["module"]
+            table = backend_name(self, module)
+            stream = other_stage_weights(self, stream, module, table)
+        loaded = set(super().load_weights(stream))
         refuse_missing(self, self.hf_config, arrived, loaded)
         self.firstlayer_loaded = True
         return loaded
@@ -574,6 +641,14 @@ def source_config(config: Any, attn_implementation: str) -> Any:
     return plain
 
 
+def backend_name(model: nn.Module, name: str) -> str:
+    """A transformers module name in the Transformers backend's tree (its checkpoint mapper)."""
+    target = model.hf_to_vllm_mapper._map_name(f"{name}.weight")
+    if target is None:
+        raise FirstLayerError(f"vLLM's Transformers backend has no module for {name}")
+    return target.removesuffix(".weight")
+
+
 def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "device") -> None:
     """Patch the backend's transformers model as `hf.patch.patch` patches a transformers model:
     the declaration's module names, mapped the way the backend maps checkpoint names onto its own
@@ -589,12 +664,7 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         reference = AutoModelForCausalLM.from_config(source_config(config, "eager"))
     parts, _ = parts_of(reference)
 
-    def mapped(name: str) -> str:
-        target = model.hf_to_vllm_mapper._map_name(f"{name}.weight")
-        if target is None:
-            raise FirstLayerError(f"vLLM's Transformers backend has no module for {name}")
-        return target.removesuffix(".weight")
-
+    mapped = functools.partial(backend_name, model)
     parts = dataclasses.replace(
         parts,
         embedding=mapped(parts.embedding),
@@ -620,6 +690,12 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
     if memory == "host" and not recorded.is_parallel:
         # A serial row's residual block is the embedding and tied LM head: with the weights.
         blocks["residual"] = blocks["residual"].to(torch.empty(0).device)
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    if isinstance(model.get_submodule(parts.lm_head), PPMissingLayer):
+        # A first pipeline stage that is not the last: its LM head is elsewhere (the last stage
+        # ties it to an embedding loaded from the residual block, `other_stage_weights`).
+        record = {**record, "lm_head": {**record["lm_head"], "reads_table": False}}
     patch_as_recorded(model, parts, layout, record, blocks, scales, model_dtype)
     table = model.get_submodule(parts.embedding)
     # One scale per row and recorded segment, also where the backend fused the projections.
