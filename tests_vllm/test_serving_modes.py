@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +31,7 @@ CASES = {
     for case in (
         widened(f)
         for f in families.FAMILIES
-        if f.id in ("llama", "qwen3", "gemma", "gptj", "falcon", "gpt_neox", "arcee")
+        if f.id in ("llama", "gemma", "gptj", "falcon", "gpt_neox", "arcee")
     )
 }
 
@@ -327,30 +326,6 @@ def test_what_a_client_sends_gets_the_originals_answer_or_refusal(tokenized):
     assert "out of vocabulary" in str(expected["token id -1"])
     assert "cannot be empty" in str(expected["empty prompt"])
     assert len(expected["beam search"]) == 3
-
-
-def test_ids_outside_the_vocabulary_read_a_zero_row_and_the_engine_serves_on(folders):
-    """Without a tokenizer vLLM checks no ids: the original's embedding raises inside the step on
-    one rank (the engine is dead) and reads a zero embedding on two; the precomputed model reads
-    a zero row on any number of ranks, which for Llama is what layer 0 makes of a zero
-    embedding: the original's tokens on two ranks."""
-    from conftest import Run
-
-    original, precomputed = folders["llama"]
-    odd = [[5, -1, 7], [5, 256, 7], [5, 10**6, 7], *prompts()]
-    on_two_ranks = greedy(original, odd, Run(tensor_parallel_size=2)).tokens
-    done = threading.Event()
-
-    def watchdog():  # an in-process engine whose step raised loops forever on the next request
-        if not done.wait(300):
-            os._exit(3)
-
-    threading.Thread(target=watchdog, daemon=True).start()
-    try:
-        assert greedy(precomputed, odd).tokens == on_two_ranks
-        assert greedy(precomputed, odd, Run(tensor_parallel_size=2)).tokens == on_two_ranks
-    finally:
-        done.set()
 
 
 # --- speculative decoding -------------------------------------------------------------------

@@ -285,8 +285,10 @@ def other_stage_weights(
     model: nn.Module, weights: Iterable[tuple[str, Tensor]], module: str, table: str
 ) -> Iterable[tuple[str, Tensor]]:
     """The weights of a pipeline stage without layer 0: the table module's go nowhere, except
-    on a last stage whose LM head is tied to the embedding, where the residual block (a serial
-    row's x, the embedding itself, in the model's dtype) is the embedding's weight."""
+    the residual block where this stage builds the embedding module: a last stage whose LM head
+    is tied to it reads it (a tied head keeps the residual block only in serial folders, whose
+    rows start with x, the embedding itself), and families such as GPT-J build it on every stage
+    and read it only on the first (there a parallel row's x + mlp(x) is never read)."""
     from vllm.model_executor.models.utils import PPMissingLayer
 
     tied_here = not isinstance(model.get_submodule(table), PPMissingLayer)
