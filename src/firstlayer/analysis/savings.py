@@ -8,10 +8,17 @@ Hugging Face model holds (biases, norm gains, routers) and reads MoE experts as 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from firstlayer.analysis.dims import ModelDims, model_dims
+from firstlayer.analysis.quantization import (
+    DEFAULT_MODEL_DTYPE,
+    MODEL_DTYPE_BYTES,
+    Quantization,
+    deltas,
+    quantization_of,
+)
 from firstlayer.analysis.sources import (
     PAPER_CONFIG_TABLE,
     PAPER_SAVINGS_TABLE,
@@ -61,16 +68,14 @@ class Memory:
 
 @dataclass(frozen=True)
 class Cost:
-    """The per-token pieces that reads and FLOPs at any batch are built from.
-
-    A dense FFN is one expert that every token uses, so one formula covers both.
+    """The per-step pieces that reads and FLOPs at any batch are built from, in weights
+    (`Analysis.cost`) or in bytes as the checkpoint stores them (`WeightBytes.cost`; FLOPs mean
+    nothing there). A dense FFN is one expert that every token uses, so one formula covers both.
     """
 
-    n_layers: int
-    d: int
-    row_width: int
-    dense: int  # per layer, read at every step: attention, norms, router
-    expert: int  # one expert's FFN weights
+    dense: int  # all layers: what every step reads (attention, norms, router, shared expert)
+    expert: int  # all layers: one expert's FFN weights in each, summed
+    layer0_expert: int  # layer 0's one expert (a parallel block's goes with the table)
     n_experts: int
     experts_per_token: int
     reads_all_experts: bool  # paper accounting: every expert read and multiplied
@@ -78,6 +83,8 @@ class Cost:
     eliminates_experts: bool  # parallel blocks: layer 0's experts go too
     head: int  # LM head, with its bias
     final_norm: int
+    embedding_row: int  # one token's embedding row: d
+    table_row: int  # one token's table row: row_width
 
     def experts_read(self, batch: int) -> float:
         """Distinct experts a batch reads per layer: n(1 - (1 - k/n)^B) under uniform routing."""
@@ -89,20 +96,45 @@ class Cost:
         return self.n_experts if self.reads_all_experts else self.experts_per_token
 
     def eliminated_read(self, batch: int) -> float:
-        experts = self.eliminates_experts * self.expert * self.experts_read(batch)
+        experts = self.eliminates_experts * self.layer0_expert * self.experts_read(batch)
         return self.eliminated_dense + experts
 
-    def reads_without(self, batch: int) -> float:
-        layer = self.dense + self.expert * self.experts_read(batch)
-        return self.n_layers * layer + self.final_norm + self.head + batch * self.d
+    def reads(self, batch: int, precomputed: bool) -> float:
+        """One decode step of `batch` tokens: every weight once, and a row per token."""
+        without = self.dense + self.expert * self.experts_read(batch) + self.final_norm + self.head
+        if not precomputed:
+            return without + batch * self.embedding_row
+        return without - self.eliminated_read(batch) + batch * self.table_row
 
     def flops_saved(self) -> int:
-        experts = self.eliminates_experts * self.expert * self.experts_multiplied
+        experts = self.eliminates_experts * self.layer0_expert * self.experts_multiplied
         return 2 * (self.eliminated_dense + experts)
 
     def flops_without(self) -> int:
-        layer = self.dense + self.expert * self.experts_multiplied
-        return 2 * (self.n_layers * layer + self.final_norm + self.head)
+        return 2 * (
+            self.dense + self.expert * self.experts_multiplied + self.final_norm + self.head
+        )
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """The weights in bytes as the checkpoint stores them: quantized Linears at their scheme's
+    size, everything else in the model's dtype (an unquantized model: 16-bit, as accelerators run
+    it). The table's row is in the model's dtype here; `placement` prices the others."""
+
+    quantization: Quantization | None
+    model_bytes: int
+    stored: int  # every weight of the checkpoint
+    freed: int  # layer 0's eliminated weights, as stored: `Memory.decrease` in bytes
+    cost: Cost  # one decode step's reads, in bytes
+
+    @property
+    def model_dtype(self) -> str:
+        return self.quantization.model_dtype if self.quantization else DEFAULT_MODEL_DTYPE
+
+    @property
+    def scheme(self) -> str:
+        return self.quantization.label if self.quantization else f"{self.model_dtype} (dense)"
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,11 @@ class Analysis:
     reads: tuple[BatchReads, ...]
     memory: Memory
     cost: Cost
+    weight_bytes: WeightBytes
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_bytes.quantization is not None
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -138,19 +175,27 @@ class Analysis:
 
     def weights_read_per_step(self, batch: int, precomputed: bool) -> int:
         """Parameters read in one decode step of `batch` tokens (each weight read once)."""
-        without = self.cost.reads_without(batch)
-        if not precomputed:
-            return round(without)
-        swap = self.cost.eliminated_read(batch) + batch * (self.dims.d - self.row_width)
-        return round(without - swap)
+        return round(self.cost.reads(batch, precomputed))
+
+    def bytes_read_per_step(
+        self, batch: int, precomputed: bool, table_row_bytes: int | None = None
+    ) -> int:
+        """Bytes read in one decode step, weights as stored; the table's row in the model's dtype
+        unless `table_row_bytes` prices another (`placement` does, per table dtype)."""
+        cost = self.weight_bytes.cost
+        if table_row_bytes is not None:
+            cost = replace(cost, table_row=table_row_bytes)
+        return round(cost.reads(batch, precomputed))
 
     def flops_per_token(self, precomputed: bool) -> int:
         """2 x weights multiplied per token; attention scores are left out."""
         return self.cost.flops_without() - (self.cost.flops_saved() if precomputed else 0)
 
     def decode_ceiling(self, batch: int) -> float:
-        """Decode speed-up if a step is bound by reading weights (KV-cache reads left out)."""
-        return self.weights_read_per_step(batch, False) / self.weights_read_per_step(batch, True)
+        """Decode speed-up if a step is bound by reading weights (KV-cache reads left out): in
+        bytes for a quantized checkpoint, whose layers are not all stored alike."""
+        reads = self.bytes_read_per_step if self.is_quantized else self.weights_read_per_step
+        return reads(batch, False) / reads(batch, True)
 
     def prefill_flops(self, prompt_tokens: int, precomputed: bool) -> int:
         """FLOPs of one prompt whose logits are taken at its last position only, as generate()
@@ -199,6 +244,21 @@ class Analysis:
                 for r in self.reads
             ],
             "memory": asdict(self.memory),
+            "weight_bytes": {
+                "scheme": self.weight_bytes.scheme,
+                "method": self.weight_bytes.quantization and self.weight_bytes.quantization.method,
+                "model_dtype": self.weight_bytes.model_dtype,
+                "stored": self.weight_bytes.stored,
+                "eliminated": self.weight_bytes.freed,
+                "reads_per_step": [
+                    {
+                        "batch": b,
+                        "without": self.bytes_read_per_step(b, False),
+                        "with": self.bytes_read_per_step(b, True),
+                    }
+                    for b in self.batches
+                ],
+            },
             "whole_model": {
                 "reads_per_step": [
                     {
@@ -243,7 +303,7 @@ def analyze(
         raise FirstLayerError(f"unknown accounting {accounting!r}: use one of {ACCOUNTINGS}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise FirstLayerError(f"batch sizes must be positive integers, got {list(batches)}")
-    m = _dims(source)
+    m, quantization = _read(source)
     exact = accounting == "exact"
     layer, expert, router = _layer_weights(m, exact)
     norm = m.extras.norm_vectors * m.d if exact else 0
@@ -256,11 +316,9 @@ def analyze(
     if m.is_parallel:
         eliminated_dense += router + (norm if m.extras.has_mlp_norm else 0)
     cost = Cost(
-        n_layers=m.n_layers,
-        d=m.d,
-        row_width=row_width,
-        dense=layer.total - m.n_experts * expert,
-        expert=expert,
+        dense=m.n_layers * (layer.total - m.n_experts * expert),
+        expert=m.n_layers * expert,
+        layer0_expert=expert,
         n_experts=m.n_experts,
         experts_per_token=m.experts_per_token,
         reads_all_experts=not exact,
@@ -268,9 +326,12 @@ def analyze(
         eliminates_experts=m.is_parallel,
         head=m.vocab_size * m.d + lm_bias,
         final_norm=final_norm,
+        embedding_row=m.d,
+        table_row=row_width,
     )
     eliminated = eliminated_dense + m.is_parallel * m.n_experts * expert
     total = m.n_layers * layer.total + embeddings + final_norm
+    memory = _memory(m, exact, row_width, eliminated, total)
     analysis = Analysis(
         name=m.name,
         dims=m,
@@ -282,8 +343,9 @@ def analyze(
         total_weights=total,
         eliminated_weights=eliminated,
         reads=tuple(_batch_reads(cost, b) for b in batches),
-        memory=_memory(m, exact, row_width, eliminated, total),
+        memory=memory,
         cost=cost,
+        weight_bytes=_weight_bytes(m, quantization, cost, total, memory.decrease),
     )
     _check_bound(analysis)
     return analysis
@@ -321,14 +383,18 @@ def analyze_specs(
 # --- counting ------------------------------------------------------------------------------
 
 
-def _dims(source: Source | ModelDims | Mapping[str, Any] | str) -> ModelDims:
+def _read(
+    source: Source | ModelDims | Mapping[str, Any] | str,
+) -> tuple[ModelDims, Quantization | None]:
+    """The model's dimensions and, from its config, how its weights are stored."""
     if isinstance(source, ModelDims):
-        return source
+        return source, None
     if isinstance(source, str):
         source = resolve_source(source)
     if isinstance(source, Source):
-        return model_dims(source.config, source.name)
-    return model_dims(source)
+        dims = model_dims(source.config, source.name)
+        return dims, quantization_of(source.config, str(source.path or source.name))
+    return model_dims(source), quantization_of(source)
 
 
 def _layer_weights(m: ModelDims, exact: bool) -> tuple[LayerWeights, int, int]:
@@ -365,9 +431,36 @@ def _eliminated_attention(m: ModelDims, exact: bool) -> int:
 
 
 def _batch_reads(cost: Cost, batch: int) -> BatchReads:
-    without = round(batch * cost.d + cost.eliminated_read(batch))
-    with_ = batch * cost.row_width
+    without = round(batch * cost.embedding_row + cost.eliminated_read(batch))
+    with_ = batch * cost.table_row
     return BatchReads(batch, without, with_, without / with_)
+
+
+def _weight_bytes(
+    m: ModelDims, quantization: Quantization | None, cost: Cost, total: int, freed: int
+) -> WeightBytes:
+    """The weight counts in bytes: each part in the model's dtype, plus what the scheme changes
+    in its Linears (`quantization.deltas`)."""
+    b = quantization.model_bytes if quantization else MODEL_DTYPE_BYTES
+    delta = deltas(m, quantization)
+    byte_cost = Cost(
+        dense=b * cost.dense + delta.dense,
+        expert=b * cost.expert + delta.expert,
+        layer0_expert=b * cost.layer0_expert + delta.layer0_expert,
+        n_experts=cost.n_experts,
+        experts_per_token=cost.experts_per_token,
+        reads_all_experts=cost.reads_all_experts,
+        eliminated_dense=b * cost.eliminated_dense + delta.qkv0,
+        eliminates_experts=cost.eliminates_experts,
+        head=b * cost.head + delta.head,
+        final_norm=b * cost.final_norm,
+        embedding_row=b * cost.embedding_row,
+        table_row=b * cost.table_row,
+    )
+    # Every expert of a layer is stored like the one the deltas price.
+    stored = b * total + delta.dense + m.n_experts * delta.expert + delta.head
+    freed_bytes = b * freed + delta.qkv0 + m.is_parallel * m.n_experts * delta.layer0_expert
+    return WeightBytes(quantization, b, stored, freed_bytes, byte_cost)
 
 
 def _memory(m: ModelDims, exact: bool, row_width: int, eliminated: int, total: int) -> Memory:
@@ -385,8 +478,11 @@ def _memory(m: ModelDims, exact: bool, row_width: int, eliminated: int, total: i
 
 
 def _check_bound(a: Analysis) -> None:
-    # One of n_layers layers loses weights, so no whole-model saving can pass 1/n_layers.
-    bound = a.max_saving + 1e-12
-    assert 1 - 1 / a.prefill_ceiling(1) <= bound, a.name
+    # One of n_layers layers loses weights, so no whole-model saving can pass 1/n_layers. In
+    # bytes a quantized layer 0 may weigh more than its share: its own reads bound the saving.
+    assert 1 - 1 / a.prefill_ceiling(1) <= a.max_saving + 1e-12, a.name
+    cost = a.weight_bytes.cost
     for b in a.batches:
-        assert 1 - 1 / a.decode_ceiling(b) <= bound, (a.name, b)
+        own = (cost.eliminated_read(b) + b * cost.embedding_row) / cost.reads(b, False)
+        bound = own if a.is_quantized else a.max_saving
+        assert 1 - 1 / a.decode_ceiling(b) <= bound + 1e-12, (a.name, b)

@@ -5,15 +5,17 @@ numbers come in the results' own objects.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from firstlayer.analysis.placement import MODEL_DTYPE_BYTES, TABLE_DTYPE_BYTES, placements
+from firstlayer.analysis.placement import TABLE_DTYPE_BYTES, placements
+from firstlayer.analysis.quantization import MODEL_DTYPE_BYTES
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import STATUSES, SUPPORTED, family_rows, listed_families
 
 if TYPE_CHECKING:
     from firstlayer.analysis.dims import ModelDims
+    from firstlayer.analysis.placement import Placement
     from firstlayer.analysis.savings import Analysis, Report
     from firstlayer.tools.bench import BenchResult, TableBenchResult
     from firstlayer.tools.verify import VerifyReport
@@ -26,12 +28,15 @@ GB = 1e9
 
 
 def format_report(report: Report) -> str:
-    """The configuration table, the savings table and the whole-model section, as plain text."""
+    """The configuration table, the savings table and the whole-model section, as plain text;
+    for quantized checkpoints, their bytes too."""
     parts = [
         format_config_table(report.config_models),
         format_savings_table(report.savings_models),
         format_whole_model(report.models),
     ]
+    if any(a.is_quantized for a in report.models):
+        parts.append(format_weight_bytes(report.models))
     return "\n\n".join(parts)
 
 
@@ -64,6 +69,10 @@ def format_config_table(analyses: Sequence[Analysis]) -> str:
         ("input+output embeddings", lambda a: _number(a.embeddings)),
         *_when(exact, ("final norm", lambda a: _number(a.final_norm))),
         ("total weights", lambda a: (_number if exact else _billions)(a.total_weights)),
+        *_when(
+            any(a.is_quantized for a in analyses),
+            ("weights", lambda a: a.weight_bytes.scheme),
+        ),
     ]
     title = f"Model configuration ({_accounting_line(exact)})"
     return title + "\n\n" + _table("parameter", analyses, rows) + _layout_notes(analyses)
@@ -131,6 +140,11 @@ def format_whole_model(analyses: Sequence[Analysis]) -> str:
     ]
     if exact and any(a.dims.n_experts > 1 for a in analyses):
         notes.append(_MOE_NOTE)
+    if any(a.is_quantized for a in analyses):
+        notes.append(
+            "A quantized checkpoint's decode ceiling counts bytes, its Linears as stored (see "
+            "the bytes below): its layers need not be stored alike."
+        )
     verdicts = "\n".join(verdict(a) for a in analyses)
     title = f"Whole model, per decode step ({analyses[0].accounting} accounting)"
     return f"{title}\n\n{_table('', analyses, rows)}\n\n{verdicts}{_notes(notes)}"
@@ -257,9 +271,10 @@ def format_placements(analyses: Sequence[Analysis]) -> str:
             ("  table in host memory: accelerator", lambda a, i=i: _cell(a, i, "on_host", 0)),
             ("  table in host memory: host", lambda a, i=i: _cell(a, i, "on_host", 1)),
         ]
+    stored = ", a quantized checkpoint's as stored" if any(a.is_quantized for a in analyses) else ""
     title = (
-        f"Memory change by table dtype (bytes; other weights in {8 * MODEL_DTYPE_BYTES}-bit, "
-        "int8 with float32 scales per row and projection)"
+        f"Memory change by table dtype (bytes; other weights in {8 * MODEL_DTYPE_BYTES}-bit"
+        f"{stored}, int8 with float32 scales per row and projection)"
     )
     note = (
         "\n\nA table in host memory leaves the accelerator lighter by the eliminated weights: a "
@@ -271,6 +286,59 @@ def format_placements(analyses: Sequence[Analysis]) -> str:
 
 def _cell(analysis: Analysis, index: int, where: str, side: int = 0) -> str:
     return _number(getattr(placements(analysis)[index], where)[side])
+
+
+def format_weight_bytes(analyses: Sequence[Analysis]) -> str:
+    """Bytes a decode step reads and the checkpoint stores, quantized Linears as stored, with
+    the table in the model's dtype and in int8."""
+    batches = analyses[0].batches
+    tables = (("in the model's dtype", _model_dtype), ("in int8", lambda a: "int8"))
+    rows: list[tuple[str, Any]] = [
+        ("model dtype", lambda a: a.weight_bytes.model_dtype),
+        ("layer-0 weights eliminated, as stored", lambda a: _number(a.weight_bytes.freed)),
+    ]
+    for b in batches:
+        rows.append((f"bytes read per step, batch {b:,}: without", _bytes_read(b)))
+        rows += [(f"with a table {label}", _bytes_read(b, table)) for label, table in tables]
+    rows.append(("stored bytes: checkpoint", lambda a: _number(a.weight_bytes.stored)))
+    rows += [(f"converted, table {label}", _stored(table)) for label, table in tables]
+    title = f"Weights as stored, in bytes ({analyses[0].accounting} accounting)"
+    note = (
+        "Quantized Linears at their scheme's size (values, scales, zero points), matched on "
+        "Llama's module names (model.layers.N.self_attn.q_proj, mlp.gate_proj, "
+        "mlp.experts.E.up_proj, lm_head); everything else in the model's dtype. A table row "
+        "replaces layer 0's Q, K and V as stored: the fewer bytes they take (int4), the less a "
+        "row saves, and at a large batch the rows can cost more than they save."
+    )
+    return title + "\n\n" + _table("", analyses, rows) + _notes([note])
+
+
+def _model_dtype(a: Analysis) -> str:
+    return a.weight_bytes.model_dtype
+
+
+def _placement(a: Analysis, table_dtype: str) -> Placement:
+    return next(p for p in placements(a) if p.table_dtype == table_dtype)
+
+
+def _bytes_read(batch: int, table: Callable[[Analysis], str] | None = None) -> Any:
+    def cell(a: Analysis) -> str:
+        without = a.bytes_read_per_step(batch, False)
+        if table is None:
+            return _number(without)
+        p = _placement(a, table(a))
+        return _with_change(p.reads_per_step[a.batches.index(batch)], without)
+
+    return cell
+
+
+def _stored(table: Callable[[Analysis], str]) -> Any:
+    return lambda a: _with_change(_placement(a, table(a)).stored, a.weight_bytes.stored)
+
+
+def _with_change(after: int, before: int) -> str:
+    sign = MINUS if after < before else "+" if after > before else ""
+    return f"{_number(after)} ({sign}{_percent(abs(after / before - 1), 2)})"
 
 
 # --- firstlayer families ---------------------------------------------------------------------
