@@ -86,9 +86,10 @@ def resolve_source(spec: str) -> Source:
     )
 
 
-# Quantization methods `convert` reads: none yet. A .gguf file is not among them: transformers
-# dequantizes it as it loads, and the converted folder holds plain tensors.
-CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = ()
+# Quantization methods `convert` reads from a checkpoint folder, out of core, keeping the folder
+# quantized (`conversion.quantized`). A .gguf file is not among them: transformers dequantizes it
+# as it loads, and the converted folder holds plain tensors.
+CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = ("compressed-tensors", "fp8", "gptq", "awq")
 
 
 def quantization_method(quantization: Any) -> str | None:
@@ -102,19 +103,27 @@ def quantization_method(quantization: Any) -> str | None:
     return str(getattr(method, "value", method))
 
 
-def refuse_quantized(quantization: Any, where: str) -> None:
-    """A quantized checkpoint is refused by its method's name, before any weight is read: its
-    tensors are not the weights (packed integers, FP8 with block scales), and dequantizing them
-    into a plain folder would silently multiply its size."""
+def refuse_quantized(quantization: Any, where: str, loaded: bool = False) -> None:
+    """A quantization method conversion does not read is refused by its name, before any weight
+    is read: its tensors are not the weights (packed integers, FP8 with block scales). A `loaded`
+    model of a method it reads is refused too: transformers replaced or dequantized its Linears,
+    and only its checkpoint holds the quantized tensors a converted folder keeps."""
     method = quantization_method(quantization)
-    if method is None or method == "gguf" or method in CONVERTED_QUANTIZATION_METHODS:
+    if method is None or method == "gguf":
         return
-    known = ", ".join(CONVERTED_QUANTIZATION_METHODS) or "none yet"
-    raise FirstLayerError(
-        f"{where} is quantized (quant_method {method!r}); the quantization methods firstlayer "
-        f"converts: {known} (a .gguf file is dequantized as it loads): convert the model's "
-        "unquantized release"
-    )
+    known = ", ".join(CONVERTED_QUANTIZATION_METHODS)
+    if method not in CONVERTED_QUANTIZATION_METHODS:
+        raise FirstLayerError(
+            f"{where} is quantized (quant_method {method!r}); the quantization methods firstlayer "
+            f"converts: {known} (a .gguf file is dequantized as it loads): convert the model's "
+            "unquantized release, or one of those"
+        )
+    if loaded:
+        raise FirstLayerError(
+            f"{where}: a {method} model loaded by transformers is not converted (transformers "
+            "replaces or dequantizes its quantized Linears): convert its checkpoint folder "
+            "instead (`firstlayer convert DIR OUT`, out of core), which keeps the model quantized"
+        )
 
 
 def default_gguf_path() -> Path:

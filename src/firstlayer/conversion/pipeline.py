@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.analysis.sources import refuse_quantized, resolve_source
+from firstlayer.conversion.quantized import converted_quantization_config
 from firstlayer.conversion.selfcheck import (
     SAMPLE_ROWS,
     SelfCheck,
@@ -142,11 +143,14 @@ class Plan:
     lm_head_reads_table: bool  # serial blocks and a tied LM head: it reads the residual block
 
 
-def plan_for(model: nn.Module) -> Plan:
-    """The plan for a model; refuses one that is precomputed already."""
+def plan_for(model: nn.Module, from_checkpoint: bool = False) -> Plan:
+    """The plan for a model; refuses one that is precomputed already, and a loaded quantized one
+    (`from_checkpoint`: the meta model of a checkpoint, whose quantized tensors are read as they
+    are stored)."""
     if getattr(model.config, "firstlayer", None):
         raise FirstLayerError("this model is precomputed already")
-    refuse_quantized(getattr(model.config, "quantization_config", None), "this model")
+    quantization = getattr(model.config, "quantization_config", None)
+    refuse_quantized(quantization, "this model", loaded=not from_checkpoint)
     parts, parallel = parts_of(model)
     layout = table_layout(model, parts, parallel)
     reads_table = lm_head_reads_table(model, parts, parallel)
@@ -326,17 +330,23 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     """The folder sink: the table's rows and every kept weight streamed into sharded files in a
     temporary folder, the self-check on the files, then the folder published."""
     model = weights.model
-    planned = plan_for(model)
+    planned = plan_for(model, from_checkpoint=weights.quantization is not None)
     parts, layout = planned.parts, planned.layout
+    model_dtype = model.get_submodule(parts.embedding).weight.dtype
+    dtype = options.dtype or model_dtype
+    quantization = None
+    if weights.quantization is not None:
+        quantization = quantized_config(weights, planned, dtype, model_dtype)
     token_local, dtypes, table_dtype, record = build_table(weights, planned, options)
-    dtype = options.dtype or model.get_submodule(parts.embedding).weight.dtype
+    if quantization is not None:
+        record["quantization"] = quantization.record
     record["source_fingerprint"] = weights.fingerprint
     vocab_size = weights.embedding_weight.shape[0]
     if options.adapters:
         record["adapters"] = adapters_record(options.adapters)
     dropped = {f"{parts.lm_head}.weight"} if planned.lm_head_reads_table else set()
     eliminated = (parts.embedding, *parts.eliminated(layout.is_parallel))
-    kept = as_saved(model, kept_weights(model, eliminated, dropped))
+    kept = weights.as_stored(as_saved(model, kept_weights(model, eliminated, dropped)))
     # A serial model's attention norm moves into the table module (`hf.patch.AdapterInput`).
     kept_norm = {}
     if keeps_attn_norm(record):
@@ -350,7 +360,11 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
         if dtypes[block] == torch.int8:
             shape = (vocab_size, len(segments(layout, block)))
             specs.append(TensorSpec(name + SCALE_SUFFIX, torch.float32, shape))
-    specs += [TensorSpec(name, cast_dtype(t, dtype), tuple(t.shape)) for name, t in kept.items()]
+
+    def stored_dtype(name: str, tensor: Tensor) -> torch.dtype:
+        return tensor.dtype if weights.verbatim(name) else cast_dtype(tensor, dtype)
+
+    specs += [TensorSpec(name, stored_dtype(name, t), tuple(t.shape)) for name, t in kept.items()]
 
     def table() -> Iterator[tuple[str, Tensor]]:
         rows = table_rows(token_local, layout, dtypes, vocab_size, options.progress)
@@ -363,7 +377,7 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
         for name, tensor in kept.items():
             blocks = iter((tensor,)) if name in kept_norm else weights.blocks(name, tensor)
             for rows in blocks:
-                yield name, rows.to(cast_dtype(rows, dtype))
+                yield name, rows.to(stored_dtype(name, rows))
 
     def check_rows(tmp: Path) -> None:
         read = folder_reader(tmp, parts.embedding)
@@ -377,7 +391,8 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
             generation_config.save_pretrained(tmp)
 
     def save_config(tmp: Path) -> None:
-        saved_config(model, record, dtype).save_pretrained(tmp)
+        config = quantization.config if quantization is not None else None
+        saved_config(model, record, dtype, config).save_pretrained(tmp)
 
     def write(tmp: Path) -> None:
         streams = [table(), copies()]
@@ -393,6 +408,41 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
         )
 
     return publish(Path(out), options.force, write)
+
+
+# What a converted folder's record says when its scheme quantizes layer 0's inputs too: the rows
+# hold what the quantized kernels compute (`conversion.quantized.InputQuantization`).
+INPUTS_QUANTIZED_AS = "per token in float32, as vLLM's int8 and FP8 kernels quantize them"
+
+
+@dataclass(frozen=True)
+class QuantizedOutput:
+    config: dict[str, Any]  # the converted folder's quantization_config
+    record: dict[str, Any]  # what the record says about it
+
+
+def quantized_config(
+    weights: Weights, planned: Plan, dtype: torch.dtype, model_dtype: torch.dtype
+) -> QuantizedOutput:
+    """A quantized source's converted quantization_config: layer 0's eliminated Linears marked
+    unquantized. Its tensors are copied as stored, so the folder keeps the source's dtype."""
+    if dtype != model_dtype:
+        raise FirstLayerError(
+            f"a quantized checkpoint is converted in its own dtype ({model_dtype}), its scales "
+            f"and quantized tensors as stored: leave out --dtype {dtype}"
+        )
+    eliminated = planned.parts.eliminated(planned.layout.is_parallel)
+    dequantized = sorted(
+        module
+        for module in weights.quantized
+        if any(f"{module}.".startswith(f"{name}.") for name in eliminated)
+    )
+    config = converted_quantization_config(weights.quantization, dequantized)
+    method = weights.quantization["quant_method"]
+    record = {"method": method, "dequantized_into_the_table": dequantized}
+    if weights.inputs_quantized:
+        record["inputs_quantized"] = INPUTS_QUANTIZED_AS
+    return QuantizedOutput(config, record)
 
 
 def cast_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -475,11 +525,12 @@ def check_folder_rows(
             "verify --rows merges plain LoRA adapters only: leave out --rows to compare the "
             "loaded models"
         )
-    model, folder, names = meta_model(Path(source), deltas)
+    checkpoint = meta_model(Path(source), deltas)
+    model, folder, names = checkpoint.model, checkpoint.folder, checkpoint.names
     parts, _ = parts_of(model)
     layout = TableLayout.from_dict(record["table"])
     for module_name in token_local_modules(model):
-        materialize(model, module_name, folder, names)
+        materialize(checkpoint, module_name)
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
     vocab_size = embedding.shape[0]

@@ -11,15 +11,22 @@ byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from firstlayer.conversion.quantized import (
+    dequantize,
+    input_quantization,
+    quantize_inputs,
+    quantized_modules,
+    refuse_unknown,
+)
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import family_config, family_of
 from firstlayer.hf.adapters import LoraDeltas
@@ -63,7 +70,7 @@ def rows_at(weight: Any, ids: Tensor) -> Tensor:
     return torch.cat([weight[i : i + 1] for i in ids.tolist()])
 
 
-@dataclass
+@dataclasses.dataclass
 class Weights:
     """A conversion's source: the model the config describes (on the meta device but for layer
     0's token-local modules, out of core) and where its weights come from."""
@@ -73,9 +80,23 @@ class Weights:
     blocks: Callable[[str, Tensor], Iterator[Tensor]]  # a kept weight, as blocks of rows
     fingerprint: str | Callable[[], str]  # a callable when known only after the stream
     tokenizer: Any | None = None
+    # A quantized checkpoint's: every quantized Linear's stored tensors (on the meta device, in
+    # their stored dtypes and shapes) by name, by module; copied as they are stored.
+    quantized: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # the source's quantization_config
+    inputs_quantized: list[str] = dataclasses.field(default_factory=list)  # (`materialize`)
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
         return rows_at(self.embedding_weight, ids)
+
+    def as_stored(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Kept weights as the checkpoint stores them (`stored_view`)."""
+        return stored_view(weights, self.quantized)
+
+    def verbatim(self, name: str) -> bool:
+        """Whether a kept tensor is a quantized Linear's part, never cast."""
+        module = name.rpartition(".")[0]
+        return name in self.quantized.get(module, ())
 
 
 def loaded_weights(model: nn.Module, tokenizer: Any | None = None) -> Weights:
@@ -133,13 +154,17 @@ def checkpoint_weights(
     included) or holds one of another shape (`checkpoint_names`), and NeedsLoading for one whose
     weights transformers combines on loading.
     """
-    model, folder, names = meta_model(source, deltas)
+    checkpoint = meta_model(source, deltas)
+    model, folder, names = checkpoint.model, checkpoint.folder, checkpoint.names
     parts, _ = parts_of(model)
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
     for module_name in token_local_modules(model):
-        for name, tensor in materialize(model, module_name, folder, names).items():
-            digests[name] = (tensor.dtype, tuple(tensor.shape), tensor_sha256(tensor))
+        materialize(checkpoint, module_name)
+    for name, tensor in fingerprint_names(checkpoint).items():  # layer 0's, read whole
+        if names.get(name) in checkpoint.read:
+            read = checkpoint.read[names[name]].to(tensor.dtype)  # as the model holds it
+            digests[name] = (read.dtype, tuple(read.shape), tensor_sha256(read))
     embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
 
     def blocks(name: str, tensor: Tensor) -> Iterator[Tensor]:
@@ -151,23 +176,80 @@ def checkpoint_weights(
         digests[name] = (tensor.dtype, tuple(tensor.shape), digest.hexdigest())
 
     def source_fingerprint() -> str:
-        # Every weight of the state dict: copied, eliminated, or the embedding (also under the
-        # name of an LM head tied to it).
+        # Every weight of the state dict (a quantized Linear's as its stored tensors): copied,
+        # eliminated, or the embedding (also under the name of an LM head tied to it).
         embedding_sha256 = embedding.sha256()
         entries = []
-        for name, tensor in model.state_dict().items():
+        for name, tensor in fingerprint_names(checkpoint).items():
             if name not in digests:
                 assert names[name] == embedding.name, name
                 digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
             entries.append((name, *digests[name]))
         return fingerprint(entries)
 
-    return Weights(model, embedding, blocks, source_fingerprint, tokenizer)
+    return Weights(
+        model,
+        embedding,
+        blocks,
+        source_fingerprint,
+        tokenizer,
+        quantized=checkpoint.quantized,
+        quantization=checkpoint.quantization,
+        inputs_quantized=checkpoint.inputs_quantized,
+    )
 
 
-def meta_model(
-    source: Path, deltas: LoraDeltas | None = None
-) -> tuple[nn.Module, SafetensorsFolder, dict[str, str]]:
+def fingerprint_names(checkpoint: Checkpoint) -> dict[str, Tensor]:
+    """The state dict's tensors as the checkpoint stores them."""
+    return stored_view(checkpoint.model.state_dict(), checkpoint.quantized)
+
+
+def stored_view(
+    weights: dict[str, Tensor], quantized: dict[str, dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """Weights by state-dict name, a quantized Linear's `weight` replaced by its stored tensors
+    (packed codes, scales, zero points), in order."""
+    if not quantized:
+        return weights
+    stored = {}
+    for name, tensor in weights.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in quantized:
+            stored.update(quantized[module])
+        else:
+            stored[name] = tensor
+    return stored
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint's model on the meta device and where each of its tensors is stored."""
+
+    model: nn.Module
+    folder: SafetensorsFolder
+    names: dict[str, str]  # state-dict name (or a quantized Linear's part) -> checkpoint tensor
+    # A quantized checkpoint's: per quantized Linear, its stored tensors by name (meta tensors
+    # of their stored dtypes and shapes), and the quantization_config.
+    quantized: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    read: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # tensors materialized
+    inputs_quantized: list[str] = dataclasses.field(default_factory=list)  # layer 0's Linears
+
+    def dequantized(self, module: str, shape: tuple[int, int]) -> Tensor:
+        """A quantized Linear's weight, in float32."""
+        parts = {
+            name.removeprefix(f"{module}."): self.read_tensor(self.names[name])
+            for name in self.quantized[module]
+        }
+        return dequantize(self.quantization, module, parts, shape)
+
+    def read_tensor(self, stored: str) -> Tensor:
+        if stored not in self.read:
+            self.read[stored] = self.folder.tensor(stored)
+        return self.read[stored]
+
+
+def meta_model(source: Path, deltas: LoraDeltas | None = None) -> Checkpoint:
     """The config's model on the meta device, the checkpoint (read with adapters merged, where
     `deltas` are given), and for every state-dict name the checkpoint tensor holding it (a tied
     weight may be stored under its partner's name)."""
@@ -175,19 +257,42 @@ def meta_model(
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     family_of(family_config(config)["model_type"])  # refuses an unsupported family first
+    quantization = quantization_dict(config)
+    if quantization is not None:
+        refuse_unknown(quantization, str(source))
+        if deltas is not None:
+            raise FirstLayerError(
+                f"{source} is quantized: adapters are not merged into a quantized checkpoint; "
+                "convert without --adapter and load the adapters onto the converted folder"
+            )
     folder = SafetensorsFolder(source) if deltas is None else AdaptedCheckpoint(source, deltas)
     dtype = config.dtype or next(
-        (folder.dtype(n) for n in folder.names() if folder.dtype(n).is_floating_point),
+        (folder.dtype(n) for n in folder.names() if is_plain_float(folder.dtype(n))),
         torch.float32,
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
-    names = checkpoint_names(model, folder, source)
+    names, quantized = checkpoint_names(model, folder, source, quantization)
     if deltas is not None:
         folder.adapt(names, model)
-    return model.eval(), folder, names
+    return Checkpoint(model.eval(), folder, names, quantized, quantization)
+
+
+def quantization_dict(config: Any) -> dict[str, Any] | None:
+    """A config's quantization_config as config.json holds it; None for none or GGUF's."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return None if quantization.get("quant_method") == "gguf" else dict(quantization)
+
+
+def is_plain_float(dtype: torch.dtype) -> bool:
+    """A float dtype a model computes in (not FP8 storage)."""
+    return dtype.is_floating_point and dtype.itemsize > 1
 
 
 class AdaptedCheckpoint(SafetensorsFolder):
@@ -229,14 +334,27 @@ class NeedsLoading(FirstLayerError):
     fused into one): only a loaded model has them."""
 
 
-def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) -> dict[str, str]:
+def checkpoint_names(
+    model: nn.Module,
+    folder: SafetensorsFolder,
+    source: Path,
+    quantization: dict[str, Any] | None = None,
+) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
     """For every state-dict name, the checkpoint tensor that holds it, renamed by transformers'
-    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...)."""
+    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...); and for
+    a quantized checkpoint, each quantized Linear's stored tensors (their names join the first
+    map)."""
     from transformers.core_model_loading import WeightRenaming
 
     transforms = weight_conversions(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     if len(renamings) != len(transforms):
+        if quantization is not None:
+            raise FirstLayerError(
+                f"{source}: transformers combines this quantized checkpoint's tensors into the "
+                "model's weights when it loads them (experts fused into one): quantized "
+                "checkpoints of this layout are not converted yet; convert the unquantized release"
+            )
         raise NeedsLoading(
             f"{source}: transformers combines checkpoint tensors into this model's weights "
             "when it loads them; convert it from the loaded model"
@@ -247,11 +365,30 @@ def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) 
         for renaming in renamings:
             name, _ = renaming.rename_source_key(name)
         stored_as[name] = stored
+    state = model.state_dict(keep_vars=True)
+    quantized: dict[str, dict[str, Tensor]] = {}
+    names = {}
+    if quantization is not None:
+        dtypes = {name: folder.dtype(stored) for name, stored in stored_as.items()}
+        for module, parts in quantized_modules(quantization["quant_method"], state, dtypes).items():
+            quantized[module] = {}
+            for name in parts.values():
+                stored = stored_as[name]
+                meta = torch.empty(folder.shape(stored), dtype=folder.dtype(stored), device="meta")
+                quantized[module][name] = meta
+                names[name] = stored
+        if not quantized:
+            raise FirstLayerError(
+                f"{source}: config.json declares {quantization['quant_method']} quantization, "
+                "but no Linear is stored quantized (no packed weights or scales): the weights "
+                "and the config disagree; use the config.json that came with these weights"
+            )
     aliases: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(parameter), []).append(name)
-    names = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
+        if name.endswith(".weight") and name.removesuffix(".weight") in quantized:
+            continue
         stored = next(
             (stored_as[n] for n in aliases.get(id(tensor), [name]) if n in stored_as), None
         )
@@ -267,8 +404,14 @@ def checkpoint_names(model: nn.Module, folder: SafetensorsFolder, source: Path) 
                 f"{list(tensor.shape)}: the weights and the config disagree; use the "
                 "config.json that came with these weights"
             )
+        if tensor.is_floating_point() and not is_plain_float(folder.dtype(stored)):
+            raise FirstLayerError(
+                f"{source}: {stored} is stored as {folder.dtype(stored)} without the scales of "
+                "a quantized weight its quantization_config describes: the weights and the "
+                "config disagree; use the config.json that came with these weights"
+            )
         names[name] = stored
-    return names
+    return names, quantized
 
 
 def token_local_modules(model: nn.Module) -> list[str]:
@@ -277,17 +420,35 @@ def token_local_modules(model: nn.Module) -> list[str]:
     return list(parts.token_local(parallel))
 
 
-def materialize(
-    model: nn.Module, module_name: str, folder: SafetensorsFolder, names: dict[str, str]
-) -> dict[str, Tensor]:
-    """Give one meta module its weights from the checkpoint, in the model's dtypes; returns them
-    by state-dict name."""
-    module = model.get_submodule(module_name)
-    wanted = module.state_dict(keep_vars=True)
-    tensors = {
-        local: folder.tensor(names[f"{module_name}.{local}"]).to(tensor.dtype)
-        for local, tensor in wanted.items()
-    }
+def materialize(checkpoint: Checkpoint, module_name: str) -> None:
+    """Give one meta module its weights from the checkpoint, in the model's dtypes; a module
+    holding a quantized Linear in float32, its weight dequantized (exact in float32)."""
+    module = checkpoint.model.get_submodule(module_name)
+    inside = [m for m in checkpoint.quantized if f"{m}.".startswith(f"{module_name}.")]
+    if inside:
+        module.to(torch.float32)
+    tensors = {}
+    for local, tensor in module.state_dict(keep_vars=True).items():
+        name = f"{module_name}.{local}"
+        if name.endswith(".weight") and name.removesuffix(".weight") in checkpoint.quantized:
+            weight = checkpoint.dequantized(name.removesuffix(".weight"), tuple(tensor.shape))
+            tensors[local] = weight
+        else:
+            tensors[local] = checkpoint.read_tensor(checkpoint.names[name]).to(tensor.dtype)
     module.to_empty(device="cpu")
     module.load_state_dict(tensors, strict=True)
-    return {f"{module_name}.{local}": tensor for local, tensor in tensors.items()}
+    model_dtype = checkpoint.model.get_input_embeddings().weight.dtype
+    for name in inside:
+        scale = next(
+            (
+                checkpoint.read_tensor(checkpoint.names[n])
+                for n in checkpoint.quantized[name]
+                if n.endswith((".input_scale", ".activation_scale"))
+            ),
+            None,
+        )
+        quantization = input_quantization(checkpoint.quantization, name, scale)
+        if quantization is not None:
+            linear = checkpoint.model.get_submodule(name)
+            quantize_inputs(linear, quantization, model_dtype)
+            checkpoint.inputs_quantized.append(name)

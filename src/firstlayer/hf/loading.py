@@ -77,7 +77,7 @@ def _load_source(spec: str, dtype: Any, allow_random: bool, to_convert: bool) ->
     source = resolve_source(spec)
     if to_convert:
         family_of(source.config["model_type"])
-        refuse_quantized(source.config.get("quantization_config"), spec)
+        refuse_quantized(source.config.get("quantization_config"), spec, loaded=True)
     if source.kind == "gguf":
         refuse_truncated_gguf(source.path)
         model = _from_pretrained(source.path.parent, dtype, gguf_file=source.path.name)

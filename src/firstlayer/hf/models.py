@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class PrecomputedForCausalLM:
             )
         if folder.is_dir():
             place_table(model, folder, memory)
+        warn_of_quantized_inputs(model.config.firstlayer)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
@@ -105,6 +107,22 @@ class PrecomputedForCausalLM:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             record_weight_files(Path(save_directory), self.config)
+
+
+def warn_of_quantized_inputs(record: dict) -> None:
+    """Say so where a quantized folder's table quantizes layer 0's inputs as vLLM's kernels do:
+    transformers runs such a scheme otherwise (compressed-tensors simulates it in the model's
+    dtype; FP8 on a CPU is dequantized and not simulated at all), so the original loaded here
+    differs from what the table holds by up to that quantization's error."""
+    how = record.get("quantization", {}).get("inputs_quantized")
+    if how:
+        warnings.warn(
+            f"layer 0's table rows quantize its inputs {how}; transformers runs this scheme's "
+            "activations otherwise (in the model's dtype, or not at all on a CPU), so this "
+            "model's logits differ from the original's loaded by transformers by up to that "
+            "quantization's error; in vLLM they are the original's",
+            stacklevel=3,
+        )
 
 
 def install_empty_table(model: nn.Module) -> None:
@@ -316,14 +334,19 @@ def to_host(tensor: Tensor) -> Tensor:
     return tensor.pin_memory() if torch.cuda.is_available() else tensor
 
 
-def saved_config(model: nn.Module, record: dict, dtype: torch.dtype) -> Any:
-    """The source model's config as its family's precomputed config class, with the record."""
+def saved_config(
+    model: nn.Module, record: dict, dtype: torch.dtype, quantization: dict | None = None
+) -> Any:
+    """The source model's config as its family's precomputed config class, with the record and
+    the converted `quantization` config of a quantized checkpoint."""
     family = record["model_type"]
     config = copy.deepcopy(model.config)
     # A GGUF checkpoint arrives dequantized; the folder holds plain tensors.
     for attribute in ("quantization_config", "_name_or_path"):
         if hasattr(config, attribute):
             delattr(config, attribute)
+    if quantization is not None:
+        config.quantization_config = quantization
     config.__class__ = config_class(family)
     config.architectures = [model_class(family).__name__]
     # Only a serial model's LM head stays tied, to the table's residual block.
