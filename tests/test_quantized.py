@@ -101,7 +101,7 @@ def quantized_input(x: torch.Tensor, kind: str, how, scale_tensor) -> torch.Tens
         scale = scale_tensor.float().reshape(())
     else:
         scale = (groups.abs().amax(-1, keepdim=True) / largest).clamp(min=1e-10)
-    scaled = (groups / scale).clamp(-largest - (kind == "int"), largest)
+    scaled = (groups * scale.reciprocal()).clamp(-largest - (kind == "int"), largest)
     codes = torch.round(scaled) if kind == "int" else scaled.to(torch.float8_e4m3fn).float()
     return (codes * scale).reshape(x.shape)
 
@@ -109,21 +109,24 @@ def quantized_input(x: torch.Tensor, kind: str, how, scale_tensor) -> torch.Tens
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_the_table_holds_layer_0_of_the_dequantized_weights(fmt, sources, tmp_path):
     """float32 table rows against layer 0 computed from the format's reference dequantizer:
-    RMSNorm of the embedding, the scheme's input quantization (of the normed input rounded to
-    the model's dtype, as the model holds it), the dequantized weight."""
+    RMSNorm of the embedding, the dequantized weight; where the scheme quantizes inputs, the
+    norm as the model runs it in its dtype and the input quantized as vLLM's kernels do."""
     out = convert_checkpoint(sources[fmt], tmp_path / "out", table_dtype="float32")
     config, tensors, dequantized = qc.build(fmt, qc.PREFERRED_DTYPE.get(fmt, "bfloat16"))
     dtype = tensors["model.embed_tokens.weight"].dtype
     x = tensors["model.embed_tokens.weight"].float()
     gain = tensors["model.layers.0.input_layernorm.weight"].float()
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"]) * gain
+    normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"])
+    normed = normalized * gain
+    # As the model runs its norm in its dtype: normalized in float32, rounded, times the gain.
+    normed_as_run = (normalized.to(dtype) * gain.to(dtype)).float()
     expected = []
     for module in LAYER0_QKV:
         inputs = normed
         if fmt in INPUT_QUANTIZED:
             kind, how = INPUT_QUANTIZED[fmt]
             scale = tensors.get(f"{module}.input_scale")
-            inputs = quantized_input(normed.to(dtype).float(), kind, how, scale)
+            inputs = quantized_input(normed_as_run, kind, how, scale)
         expected.append(inputs @ dequantized[module].t())
     table = tensors_of(out)["model.embed_tokens.qkv"]
     torch.testing.assert_close(table, torch.cat(expected, -1), rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ from firstlayer.conversion.weights import (
     loaded_weights,
     materialize,
     meta_model,
+    quantize_layer0_inputs,
     rows_at,
     token_local_modules,
 )
@@ -531,6 +532,7 @@ def check_folder_rows(
     layout = TableLayout.from_dict(record["table"])
     for module_name in token_local_modules(model):
         materialize(checkpoint, module_name)
+    quantize_layer0_inputs(checkpoint)
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
     vocab_size = embedding.shape[0]

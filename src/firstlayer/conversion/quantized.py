@@ -311,7 +311,9 @@ class InputQuantization:
             scale = torch.tensor(self.scale, dtype=x.dtype)
         else:
             scale = (x.abs().amax(-1, keepdim=True) / largest).clamp(min=1e-10)
-        scaled = (x / scale).clamp(-largest - (self.kind == "int"), largest)
+        # Times the reciprocal, as vLLM's kernels do: x / scale rounds differently at times,
+        # and e4m3's coarse steps turn that into another code.
+        scaled = (x * scale.reciprocal()).clamp(-largest - (self.kind == "int"), largest)
         if self.kind == "int":
             codes = torch.round(scaled)
         else:

@@ -11,6 +11,7 @@ byte for byte.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
@@ -84,7 +85,7 @@ class Weights:
     # their stored dtypes and shapes) by name, by module; copied as they are stored.
     quantized: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # the source's quantization_config
-    inputs_quantized: list[str] = dataclasses.field(default_factory=list)  # (`materialize`)
+    inputs_quantized: list[str] = dataclasses.field(default_factory=list)
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
         return rows_at(self.embedding_weight, ids)
@@ -161,6 +162,7 @@ def checkpoint_weights(
     digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
     for module_name in token_local_modules(model):
         materialize(checkpoint, module_name)
+    quantize_layer0_inputs(checkpoint)
     for name, tensor in fingerprint_names(checkpoint).items():  # layer 0's, read whole
         if names.get(name) in checkpoint.read:
             read = checkpoint.read[names[name]].to(tensor.dtype)  # as the model holds it
@@ -234,6 +236,7 @@ class Checkpoint:
     quantization: dict[str, Any] | None = None
     read: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # tensors materialized
     inputs_quantized: list[str] = dataclasses.field(default_factory=list)  # layer 0's Linears
+    # whose inputs the scheme quantizes (`quantize_layer0_inputs`)
 
     def dequantized(self, module: str, shape: tuple[int, int]) -> Tensor:
         """A quantized Linear's weight, in float32."""
@@ -437,18 +440,43 @@ def materialize(checkpoint: Checkpoint, module_name: str) -> None:
             tensors[local] = checkpoint.read_tensor(checkpoint.names[name]).to(tensor.dtype)
     module.to_empty(device="cpu")
     module.load_state_dict(tensors, strict=True)
-    model_dtype = checkpoint.model.get_input_embeddings().weight.dtype
-    for name in inside:
-        scale = next(
-            (
-                checkpoint.read_tensor(checkpoint.names[n])
-                for n in checkpoint.quantized[name]
-                if n.endswith((".input_scale", ".activation_scale"))
-            ),
-            None,
-        )
-        quantization = input_quantization(checkpoint.quantization, name, scale)
-        if quantization is not None:
-            linear = checkpoint.model.get_submodule(name)
-            quantize_inputs(linear, quantization, model_dtype)
-            checkpoint.inputs_quantized.append(name)
+
+
+def quantize_layer0_inputs(checkpoint: Checkpoint) -> None:
+    """Where the scheme quantizes layer 0's Linears' inputs (W8A8, FP8), make the materialized
+    layer 0 compute as the quantized model does: the norms feeding those Linears in the model's
+    dtype (normalized in float32, rounded, times the gain in the model's dtype, as transformers
+    and vLLM run them), then each input quantized per token (`quantized.InputQuantization`).
+    The table and the self-check's reference both run these modules."""
+    model = checkpoint.model
+    parts, parallel = parts_of(model)
+    dtype = model.get_submodule(parts.embedding).weight.dtype
+    for name in token_local_modules(model):
+        for module in [m for m in checkpoint.quantized if f"{m}.".startswith(f"{name}.")]:
+            scale = next(
+                (
+                    checkpoint.read_tensor(checkpoint.names[n])
+                    for n in checkpoint.quantized[module]
+                    if n.endswith((".input_scale", ".activation_scale"))
+                ),
+                None,
+            )
+            quantization = input_quantization(checkpoint.quantization, module, scale)
+            if quantization is not None:
+                quantize_inputs(model.get_submodule(module), quantization, dtype)
+                checkpoint.inputs_quantized.append(module)
+    if checkpoint.inputs_quantized:
+        norms = (parts.attn_norm, parts.mlp_norm if parallel else None)
+        for norm in filter(None, norms):
+            run_in_dtype(model.get_submodule(norm), dtype)
+
+
+def run_in_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Make a module give what a copy of it in `dtype` gives (a forward hook, which the float32
+    copies the table is built with keep)."""
+    in_dtype = copy.deepcopy(module).to(dtype)
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return in_dtype(args[0].to(dtype)).to(output.dtype)
+
+    module.register_forward_hook(hook)
