@@ -14,6 +14,7 @@ from typing import Any
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import VllmBackend, family_of
+from firstlayer.vllm.quantized import refuse_unrecorded_quantization
 
 # Speculative methods that never touch the target's input embedding or layer 0: a precomputed
 # target gives the original's tokens with them (measured for draft_model; ngram and suffix
@@ -82,6 +83,7 @@ def check_engine(vllm_config: Any) -> None:
     refuse_speculation_through_the_embedding(vllm_config)
     refuse_layer_0_off_the_first_stage(vllm_config)
     refuse_ranks_on_the_backend_route(vllm_config, record["model_type"])
+    refuse_unrecorded_quantization(vllm_config.model_config.hf_config)
 
 
 class EngineChecks:

@@ -59,6 +59,12 @@ from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, s
 from firstlayer.table.lookup import HostStaging, gather_rows, parse_table_memory
 from firstlayer.vllm.checks import check_engine
 from firstlayer.vllm.lora import guard_manager, lora_layer
+from firstlayer.vllm.quantized import (
+    as_stored,
+    declares_quantization,
+    filled_with_defaults,
+    refuse_quantized_layer_0,
+)
 from firstlayer.vllm.updates import refuse_stale_table
 
 SOURCE = "qkv_source"  # TableRows' child the family loader fills, before the transposition
@@ -350,6 +356,10 @@ def install_table(
             f"{total_width} output columns, the table {layout.qkv_width}: the "
             "config.json does not describe the table; convert the source again"
         )
+    eliminated = {f"{family.layer}.{family.attention}.{family.qkv}": projection}
+    if family.kind != "serial" and family.mlp is not None and hasattr(layer, family.mlp):
+        eliminated[f"{family.layer}.{family.mlp}"] = layer.get_submodule(family.mlp)
+    refuse_quantized_layer_0(eliminated, record)
     is_int8 = record["table"]["dtype"] == "int8"
 
     def like_projection(inputs: int, child: str, params_dtype: torch.dtype | None):
@@ -542,10 +552,14 @@ def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set
     """Raise unless every tensor the folder should hold arrived and every parameter was loaded.
 
     vLLM marks a fused parameter loaded when any one of its parts arrived, and its own check
-    exempts ordinary linears and embeddings: count the folder's tensors by the names the
-    transformers model has, then vLLM's parameters."""
-    missing = sorted(expected_tensors(config) - arrived)
-    missing += sorted({name for name, _ in model.named_parameters()} - loaded)
+    exempts ordinary linears and embeddings (and skips quantized models altogether): count the
+    folder's tensors by the names the transformers model has (a quantized Linear's by those
+    its folder stores, `vllm.quantized`), then vLLM's parameters, less those no checkpoint
+    carries (KV-cache quantization scales)."""
+    fused = getattr(model, "packed_modules_mapping", None) or {}
+    missing = sorted(expected_tensors(config, arrived, fused) - arrived)
+    parameters = {name for name, _ in model.named_parameters()}
+    missing += sorted(parameters - loaded - filled_with_defaults(model))
     if missing:
         raise FirstLayerError(
             f"the folder lacks weights the precomputed {config.firstlayer['model_type']} model "
@@ -686,6 +700,8 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         columns = (Column(columns[0].module, columns[0].start, columns[-1].stop),)
         fused = model.get_submodule(columns[0].module)
     layout = TableLayout(recorded.hidden_size, recorded.is_parallel, columns)
+    eliminated = [c.module for c in columns] + ([parts.mlp] if layout.is_parallel else [])
+    refuse_quantized_layer_0({n: model.get_submodule(n) for n in eliminated if n}, record)
     model_dtype = torch.get_default_dtype()  # vLLM builds the model under the model's dtype
     device = "cpu" if memory == "host" else None
     blocks, scales = empty_blocks(record["table"], recorded, config.vocab_size, model_dtype, device)
@@ -714,9 +730,13 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         rows_module.output_sizes, rows_module.tp_size = fused.output_sizes, fused.tp_size
 
 
-def expected_tensors(config: Any) -> set[str]:
+def expected_tensors(
+    config: Any, stored: set[str] | None = None, fused: dict[str, list[str]] | None = None
+) -> set[str]:
     """The tensor names a folder of this config holds: the precomputed transformers model's
-    state dict, built on the meta device, less the weights it ties to others."""
+    state dict, built on the meta device, less the weights it ties to others. In a quantized
+    folder, whose tensor names are `stored`, each quantized Linear holds its method's tensors
+    instead of a plain weight, the same in every part of one of vLLM's `fused` projections."""
     from transformers import AutoModelForCausalLM
 
     # Registered with AutoModelForCausalLM here too: a config vLLM hands its workers by pickle
@@ -726,7 +746,11 @@ def expected_tensors(config: Any) -> set[str]:
         model = AutoModelForCausalLM.from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     kept = {name: t for name, t in model.state_dict().items() if name not in tied}
-    return set(as_saved(model, kept))  # under the names a checkpoint holds (Mixtral's experts)
+    names = set(as_saved(model, kept))  # under the names a checkpoint holds (Mixtral's experts)
+    if stored is None or not declares_quantization(config):
+        return names
+    linears = (name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+    return as_stored(names, linears, stored, fused or {})
 
 
 def architecture(model_type: str) -> str:
