@@ -45,7 +45,7 @@ demo: $(STAMP)
 # threads on two cores slow each other down about twofold.
 LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
 SAME_AT_EVERY_VERSION := test_dims test_savings test_cli_analyze test_gguf_header test_sources \
-	test_structure test_table_memory test_faults test_bench test_cli
+	test_structure test_table_memory test_faults test_bench test_cli test_quantized_analysis
 OLDEST_ARGS := $(foreach t,$(SAME_AT_EVERY_VERSION),--ignore=tests/$(t).py) tests
 test: $(STAMP) $(VLLM_VENV)/.installed
 	TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm \
