@@ -243,3 +243,11 @@ def test_another_dtype_is_refused(sources, tmp_path):
     with pytest.raises(FirstLayerError, match="leave out --dtype"):
         convert_checkpoint(sources["ct-w4a16-g32"], tmp_path / "out", dtype=torch.float32)
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_compares_with_the_original_as_transformers_loads_it(sources, converted, capsys):
+    """The quantized original loaded by its quantizer in float32, the converted folder as it
+    loads: within what the original itself loses in bfloat16."""
+    fmt = "ct-w4a16-g32"
+    assert main(["verify", str(sources[fmt]), str(converted[fmt])]) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -288,17 +288,15 @@ def add_verify(commands: argparse._SubParsersAction) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from firstlayer.analysis.savings import analyze
-    from firstlayer.hf.loading import disk_bytes, load, load_source
+    from firstlayer.hf.loading import disk_bytes, load, load_original
     from firstlayer.render.text import format_verify
     from firstlayer.tools.verify import verify
 
     if args.rows is not None:
         return run_verify_rows(args)
     adapters = tuple(Path(a) for a in args.adapter)
-    original = load_source(args.source, dtype=torch.float32, to_convert=True, adapters=adapters)
+    original = load_original(args.source, adapters)
     model = load(args.out)
     report = verify(original.model, model, original.tokenizer, max_new_tokens=args.max_new_tokens)
     predicted = analyze(original.model.config.to_dict(), accounting="exact").memory.net

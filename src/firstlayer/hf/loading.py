@@ -65,6 +65,22 @@ def load_source(
     return loaded
 
 
+def load_original(spec: str, adapters: tuple[Path, ...] = ()) -> Loaded:
+    """A converted folder's source, loaded to compare the folder with: in float32, or a
+    quantized checkpoint as transformers loads it (its quantizer, its dtype), as the converted
+    folder loads too."""
+    source = resolve_source(spec) if not is_precomputed_folder(Path(spec)) else None
+    quantized = source is not None and source.kind == "folder"
+    method = quantization_method(source.config.get("quantization_config")) if quantized else None
+    if method in (None, "gguf"):
+        return load_source(spec, dtype=torch.float32, to_convert=True, adapters=adapters)
+    if adapters:
+        raise FirstLayerError(
+            f"{spec} is quantized: verify --adapter compares unquantized sources only"
+        )
+    return _load_source(spec, torch.float32, allow_random=False, to_convert=False)
+
+
 def _load_source(spec: str, dtype: Any, allow_random: bool, to_convert: bool) -> Loaded:
     path = Path(spec)
     if is_precomputed_folder(path):
