@@ -47,10 +47,15 @@ LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
 SAME_AT_EVERY_VERSION := test_dims test_savings test_cli_analyze test_gguf_header test_sources \
 	test_structure test_table_memory test_faults test_bench test_cli test_quantized_analysis
 OLDEST_ARGS := $(foreach t,$(SAME_AT_EVERY_VERSION),--ignore=tests/$(t).py) tests
-test: $(STAMP) $(VLLM_VENV)/.installed
-	TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm \
+# The vLLM venv installs (minutes) while .venv installs and the main suite runs; the oldest-end
+# suite waits for it, then runs where the main suite ran.
+test:
+	( $(MAKE) --no-print-directory setup-vllm && \
+	  TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm ) \
 		> .test-vllm.log 2>&1 & vllm=$$!; \
+	$(MAKE) --no-print-directory setup && \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider; main=$$?; \
+	while [ ! -f $(VLLM_VENV)/.installed ] && kill -0 $$vllm 2>/dev/null; do sleep 5; done; \
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider $(OLDEST_ARGS); oldest=$$?; \
 	wait $$vllm; status=$$?; cat .test-vllm.log; \
 	test $$main -eq 0 && test $$oldest -eq 0 && test $$status -eq 0
