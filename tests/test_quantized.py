@@ -8,6 +8,7 @@ tiny Llama, every decoder Linear quantized), with a reference dequantizer of its
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -164,12 +165,34 @@ def test_transformers_loads_a_weight_only_scheme_as_the_original(fmt, sources, c
 
 @pytest.mark.parametrize("fmt", ["ct-w8a8-int8-dynamic", "ct-fp8-dynamic", "fp8-block"])
 def test_schemes_quantizing_inputs_say_transformers_runs_them_otherwise(fmt, sources, converted):
-    """The table quantizes layer 0's inputs as vLLM's kernels do (tests_vllm: the original's
-    tokens); transformers simulates them in bfloat16 (FP8 on a CPU: dequantized, no input
-    quantization), so loading says so, and the logits differ by that quantization's size."""
+    """By default the table quantizes layer 0's inputs as vLLM's kernels do (tests_vllm: the
+    original's tokens); transformers simulates them in bfloat16 (FP8 on a CPU: dequantized, no
+    input quantization), so loading says so, and the logits differ by that quantization's
+    size."""
     with pytest.warns(UserWarning, match="quantize its inputs per token"):
         _, _, diff = load_both(sources, converted, fmt)
     assert 0 < diff <= 0.3
+
+
+@pytest.mark.parametrize(
+    "fmt", ["ct-w8a8-int8-dynamic", "ct-w8a8-int8-static", "ct-fp8-dynamic", "fp8-block"]
+)
+def test_a_folder_quantized_for_transformers_is_the_original_there(fmt, sources, tmp_path):
+    """`--quantized-for transformers`: layer 0's rows as transformers computes them (the
+    simulated input quantization, FP8 dequantized, each product in bfloat16), so the logits
+    are the original's, bit for bit; and vLLM refuses the folder (tests_vllm)."""
+    out = convert_checkpoint(sources[fmt], tmp_path / "out", quantized_for="transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "differs in transformers" warning
+        original, precomputed, diff = load_both(sources, {fmt: out}, fmt)
+    assert diff == 0
+    settings = dict(max_new_tokens=12, do_sample=False)
+    greedy = original.generate(PROMPTS, **settings)
+    assert torch.equal(greedy, precomputed.generate(PROMPTS, **settings))
+    beams = dict(settings, num_beams=3)
+    assert torch.equal(original.generate(PROMPTS, **beams), precomputed.generate(PROMPTS, **beams))
+    record = json.loads((out / "config.json").read_text())["firstlayer"]["quantization"]
+    assert record["quantized_for"] == "transformers"
 
 
 # --- bad input ---------------------------------------------------------------------------------

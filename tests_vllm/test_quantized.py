@@ -157,12 +157,18 @@ def test_a_layer_0_not_marked_unquantized_is_refused(folders, workdir):
     [
         ("record", "declares quantization .'compressed-tensors'. that firstlayer's record does"),
         ("config", "from a compressed-tensors checkpoint .* lost the quantization_config"),
+        ("engine", "as transformers runs this compressed-tensors scheme.*--quantized-for vllm"),
     ],
 )
 def test_a_config_and_record_that_disagree_are_refused(folders, workdir, dropped, match):
+    """...and a folder whose rows follow transformers' arithmetic (`--quantized-for
+    transformers`), which vLLM's kernels do not share."""
+
     def drop(tensors: dict, config: dict) -> None:
         if dropped == "record":
             del config["firstlayer"]["quantization"]
+        elif dropped == "engine":
+            config["firstlayer"]["quantization"]["quantized_for"] = "transformers"
         else:
             del config["quantization_config"]
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from firstlayer.analysis.sources import QUANTIZED_FOR
 from firstlayer.errors import FirstLayerError
 
 DEMO_OUT = "out/SmolLM2-135M-Instruct-firstlayer"
@@ -223,6 +224,14 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "out of core)",
     )
     parser.add_argument(
+        "--quantized-for",
+        choices=QUANTIZED_FOR,
+        default="vllm",
+        help="a checkpoint whose scheme quantizes inputs (INT8 W8A8, FP8): the engine whose "
+        "arithmetic layer 0's rows follow, as the two run such a scheme differently (default "
+        "vllm; transformers: compressed-tensors' simulation, FP8 dequantized as on a CPU)",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default="5GB",
         metavar="SIZE",
@@ -248,6 +257,7 @@ def run_convert(args: argparse.Namespace) -> int:
             progress=update,
             on_check=checks.append,
             adapters=args.adapter,
+            quantized_for=args.quantized_for,
         )
     print(f"wrote {out} ({how}): {folder_line(out)}")
     print(f"self-check: {checks[0].describe()}")

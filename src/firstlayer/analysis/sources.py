@@ -90,6 +90,9 @@ def resolve_source(spec: str) -> Source:
 # quantized (`conversion.quantized`). A .gguf file is not among them: transformers dequantizes it
 # as it loads, and the converted folder holds plain tensors.
 CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = ("compressed-tensors", "fp8", "gptq", "awq")
+# The engines whose arithmetic layer 0's rows can follow for a scheme that quantizes inputs
+# (INT8 W8A8, FP8): the two run such a scheme differently, and one table equals one of them.
+QUANTIZED_FOR = ("vllm", "transformers")
 
 
 def quantization_method(quantization: Any) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from firstlayer.analysis.sources import refuse_quantized, resolve_source
+from firstlayer.analysis.sources import QUANTIZED_FOR, refuse_quantized, resolve_source
 from firstlayer.conversion.quantized import converted_quantization_config
 from firstlayer.conversion.selfcheck import (
     SAMPLE_ROWS,
@@ -98,6 +98,8 @@ class ConvertOptions:
     progress: Progress | None = None  # (rows done, rows in all), after each chunk
     on_check: Callable[[SelfCheck], None] | None = None  # receives the self-check's result
     adapters: tuple[Path, ...] = ()  # PEFT adapter folders, merged into the source first
+    # A quantized checkpoint whose scheme quantizes inputs: the engine layer 0's rows follow.
+    quantized_for: str = "vllm"
 
     @classmethod
     def of(cls, options: ConvertOptions | None = None, **settings: Any) -> ConvertOptions:
@@ -109,6 +111,10 @@ class ConvertOptions:
             settings["dtype"] = parse_dtype(settings["dtype"])
         if "table_dtype" in settings:
             settings["table_dtype"] = parse_table_dtype(settings["table_dtype"])
+        if settings.get("quantized_for", "vllm") not in QUANTIZED_FOR:
+            raise FirstLayerError(
+                f"quantized_for {settings['quantized_for']!r}: one of {', '.join(QUANTIZED_FOR)}"
+            )
         if "adapters" in settings:
             settings["adapters"] = tuple(Path(a) for a in settings["adapters"] or ())
             refuse_missing_adapters(settings["adapters"])
@@ -413,7 +419,10 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
 
 # What a converted folder's record says when its scheme quantizes layer 0's inputs too: the rows
 # hold what the quantized kernels compute (`conversion.quantized.InputQuantization`).
-INPUTS_QUANTIZED_AS = "per token in float32, as vLLM's int8 and FP8 kernels quantize them"
+INPUTS_QUANTIZED_AS = {
+    "vllm": "per token in float32, as vLLM's int8 and FP8 kernels quantize them",
+    "transformers": "in the model's dtype, as transformers runs the scheme",
+}
 
 
 @dataclass(frozen=True)
@@ -442,7 +451,8 @@ def quantized_config(
     method = weights.quantization["quant_method"]
     record = {"method": method, "dequantized_into_the_table": dequantized}
     if weights.inputs_quantized:
-        record["inputs_quantized"] = INPUTS_QUANTIZED_AS
+        record["quantized_for"] = weights.quantized_for
+        record["inputs_quantized"] = INPUTS_QUANTIZED_AS[weights.quantized_for]
     return QuantizedOutput(config, record)
 
 
@@ -482,7 +492,7 @@ def convert_checkpoint(
         deltas = plain_lora_deltas(list(options.adapters))
         if deltas is None:
             raise NeedsLoading("these adapters are merged by PEFT into a loaded model")
-    weights = checkpoint_weights(Path(source), tokenizer, deltas)
+    weights = checkpoint_weights(Path(source), tokenizer, deltas, options.quantized_for)
     refuse_larger_vocabulary(tokenizer, weights.model, Path(source))
     return write_converted(weights, out, options)
 
@@ -532,7 +542,7 @@ def check_folder_rows(
     layout = TableLayout.from_dict(record["table"])
     for module_name in token_local_modules(model):
         materialize(checkpoint, module_name)
-    quantize_layer0_inputs(checkpoint)
+    quantize_layer0_inputs(checkpoint, record.get("quantization", {}).get("quantized_for", "vllm"))
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
     vocab_size = embedding.shape[0]

@@ -295,25 +295,41 @@ class InputQuantization:
     """How a scheme quantizes a Linear's input before the integer or FP8 product: per token
     (`group_size` None) or per group of a token's columns, from its own largest value (dynamic),
     or by a stored scale. Either way a function of the token's own input, so layer 0's table rows
-    can include it: the rows are then what the quantized kernels compute, not what the
-    dequantized weights would give an unquantized input."""
+    can include it, as `engine` computes it:
 
-    kind: str  # "int" (int8) or "float" (float8 e4m3)
+    - vllm: float32 scales (amax/127 for int8, amax/448 for FP8), the input times the scale's
+      reciprocal, the exact product of the codes and the dequantized weight;
+    - transformers: compressed-tensors' simulation, all in the model's dtype (amax/127.5 for
+      int8, the input divided by the scale, then the model-dtype product with the weight
+      dequantized to the model's dtype)."""
+
+    kind: str  # "int" (int8), "float" (float8 e4m3), or "none" (the product only)
     group_size: int | None = None
     scale: float | None = None  # a static scale; None: from each token's (group's) amax
+    engine: str = "vllm"
 
     def __call__(self, x: Tensor) -> Tensor:
-        largest = 127.0 if self.kind == "int" else torch.finfo(torch.float8_e4m3fn).max
+        """The input as the quantized product sees it (codes times scales), in x's dtype."""
+        if self.kind == "none":
+            return x
+        fp8_max = torch.finfo(torch.float8_e4m3fn).max
+        if self.kind == "int":
+            low, high = -128.0, 127.0
+            steps = 127.0 if self.engine == "vllm" else 127.5  # ct: (max - min) / 2
+        else:
+            low, high, steps = -fp8_max, fp8_max, fp8_max
         shape = x.shape
         if self.group_size is not None:
             x = x.unflatten(-1, (-1, self.group_size))
         if self.scale is not None:
             scale = torch.tensor(self.scale, dtype=x.dtype)
         else:
-            scale = (x.abs().amax(-1, keepdim=True) / largest).clamp(min=1e-10)
+            scale = x.abs().amax(-1, keepdim=True) / torch.tensor(steps, dtype=x.dtype)
+            scale = scale.clamp(min=torch.finfo(x.dtype).tiny)
         # Times the reciprocal, as vLLM's kernels do: x / scale rounds differently at times,
         # and e4m3's coarse steps turn that into another code.
-        scaled = (x * scale.reciprocal()).clamp(-largest - (self.kind == "int"), largest)
+        scaled = x * scale.reciprocal() if self.engine == "vllm" else x / scale
+        scaled = scaled.clamp(low, high)
         if self.kind == "int":
             codes = torch.round(scaled)
         else:
@@ -322,10 +338,13 @@ class InputQuantization:
 
 
 def input_quantization(
-    config: Mapping[str, Any], module: str, input_scale: Tensor | None
+    config: Mapping[str, Any], module: str, input_scale: Tensor | None, engine: str = "vllm"
 ) -> InputQuantization | None:
-    """The input quantization `module`'s scheme applies; None for a weight-only one. Refuses one
-    that is not a function of a token alone (dynamic per-tensor: the whole batch's amax)."""
+    """The input quantization `module`'s scheme applies in `engine`; None for a weight-only
+    one; none but the product in the model's dtype for FP8 (`quant_method: fp8`) in
+    transformers, which dequantizes it on a CPU.
+    Refuses one that is not a function of a token alone (dynamic per-tensor: the batch's
+    amax)."""
     method = config["quant_method"]
     if method == "compressed-tensors":
         args = compressed_group(config, module).get("input_activations")
@@ -336,12 +355,15 @@ def input_quantization(
             what = f"{args.get('num_bits')}-bit or asymmetric activations"
         elif args.get("dynamic") and strategy in ("token", "group"):
             group = args.get("group_size") if strategy == "group" else None
-            return InputQuantization(kind, group)
+            return InputQuantization(kind, group, engine=engine)
         elif not args.get("dynamic") and strategy == "tensor" and input_scale is not None:
-            return InputQuantization(kind, None, float(input_scale.float().reshape(-1)[0]))
+            scale = float(input_scale.float().reshape(-1)[0])
+            return InputQuantization(kind, None, scale, engine=engine)
         else:
             what = f"{'dynamic' if args.get('dynamic') else 'static'} {strategy} activations"
     elif method == "fp8":
+        if engine == "transformers":  # dequantized on a CPU: a plain product in the model's dtype
+            return InputQuantization("none", engine=engine)
         if config.get("activation_scheme", "dynamic") == "static" and input_scale is not None:
             return InputQuantization("float", None, float(input_scale.float().reshape(-1)[0]))
         block = config.get("weight_block_size")
@@ -357,14 +379,24 @@ def input_quantization(
 
 
 def quantize_inputs(linear: torch.nn.Module, quantization: InputQuantization, dtype: torch.dtype):
-    """Make `linear` quantize its input as the scheme's kernels do, the input first rounded to
-    the model's dtype as the model holds its activations (a forward pre-hook: copies keep it)."""
+    """Make `linear` compute as its scheme does in the quantization's engine, the input first
+    rounded to the model's dtype as the model holds its activations (hooks: copies keep them).
+    In transformers the whole product runs in the model's dtype, as compressed-tensors' does."""
+    if quantization.engine == "vllm":
 
-    def hook(module: torch.nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        return (quantization(x.to(dtype).to(x.dtype)), *args[1:])
+        def quantized_input(module: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            return (quantization(x.to(dtype).to(x.dtype)), *args[1:])
 
-    linear.register_forward_pre_hook(hook)
+        linear.register_forward_pre_hook(quantized_input)
+        return
+
+    def in_model_dtype(module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor:
+        bias = None if module.bias is None else module.bias.to(dtype)
+        x = quantization(args[0].to(dtype))
+        return torch.nn.functional.linear(x, module.weight.to(dtype), bias).to(output.dtype)
+
+    linear.register_forward_hook(in_model_dtype)
 
 
 # --- the converted config ------------------------------------------------------------------

@@ -86,6 +86,7 @@ class Weights:
     quantized: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # the source's quantization_config
     inputs_quantized: list[str] = dataclasses.field(default_factory=list)
+    quantized_for: str = "vllm"  # the engine whose arithmetic their rows follow
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
         return rows_at(self.embedding_weight, ids)
@@ -147,7 +148,10 @@ class CheckpointRows:
 
 
 def checkpoint_weights(
-    source: Path, tokenizer: Any | None = None, deltas: LoraDeltas | None = None
+    source: Path,
+    tokenizer: Any | None = None,
+    deltas: LoraDeltas | None = None,
+    quantized_for: str = "vllm",
 ) -> Weights:
     """A safetensors folder (sharded or not) as a conversion's source, never loaded.
 
@@ -162,7 +166,7 @@ def checkpoint_weights(
     digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]] = {}
     for module_name in token_local_modules(model):
         materialize(checkpoint, module_name)
-    quantize_layer0_inputs(checkpoint)
+    quantize_layer0_inputs(checkpoint, quantized_for)
     for name, tensor in fingerprint_names(checkpoint).items():  # layer 0's, read whole
         if names.get(name) in checkpoint.read:
             read = checkpoint.read[names[name]].to(tensor.dtype)  # as the model holds it
@@ -198,6 +202,7 @@ def checkpoint_weights(
         quantized=checkpoint.quantized,
         quantization=checkpoint.quantization,
         inputs_quantized=checkpoint.inputs_quantized,
+        quantized_for=quantized_for,
     )
 
 
@@ -442,12 +447,13 @@ def materialize(checkpoint: Checkpoint, module_name: str) -> None:
     module.load_state_dict(tensors, strict=True)
 
 
-def quantize_layer0_inputs(checkpoint: Checkpoint) -> None:
+def quantize_layer0_inputs(checkpoint: Checkpoint, engine: str = "vllm") -> None:
     """Where the scheme quantizes layer 0's Linears' inputs (W8A8, FP8), make the materialized
     layer 0 compute as the quantized model does: the norms feeding those Linears in the model's
     dtype (normalized in float32, rounded, times the gain in the model's dtype, as transformers
-    and vLLM run them), then each input quantized per token (`quantized.InputQuantization`).
-    The table and the self-check's reference both run these modules."""
+    and vLLM run them), then each input quantized per token as `engine` does
+    (`quantized.InputQuantization`). The table and the self-check's reference both run these
+    modules."""
     model = checkpoint.model
     parts, parallel = parts_of(model)
     dtype = model.get_submodule(parts.embedding).weight.dtype
@@ -461,10 +467,11 @@ def quantize_layer0_inputs(checkpoint: Checkpoint) -> None:
                 ),
                 None,
             )
-            quantization = input_quantization(checkpoint.quantization, module, scale)
-            if quantization is not None:
-                quantize_inputs(model.get_submodule(module), quantization, dtype)
-                checkpoint.inputs_quantized.append(module)
+            if input_quantization(checkpoint.quantization, module, scale) is None:
+                continue  # weights only
+            checkpoint.inputs_quantized.append(module)
+            quantization = input_quantization(checkpoint.quantization, module, scale, engine)
+            quantize_inputs(model.get_submodule(module), quantization, dtype)
     if checkpoint.inputs_quantized:
         norms = (parts.attn_norm, parts.mlp_norm if parallel else None)
         for norm in filter(None, norms):

@@ -114,13 +114,15 @@ def warn_of_quantized_inputs(record: dict) -> None:
     transformers runs such a scheme otherwise (compressed-tensors simulates it in the model's
     dtype; FP8 on a CPU is dequantized and not simulated at all), so the original loaded here
     differs from what the table holds by up to that quantization's error."""
-    how = record.get("quantization", {}).get("inputs_quantized")
-    if how:
+    quantization = record.get("quantization", {})
+    how = quantization.get("inputs_quantized")
+    if how and quantization.get("quantized_for", "vllm") != "transformers":
         warnings.warn(
             f"layer 0's table rows quantize its inputs {how}; transformers runs this scheme's "
             "activations otherwise (in the model's dtype, or not at all on a CPU), so this "
             "model's logits differ from the original's loaded by transformers by up to that "
-            "quantization's error; in vLLM they are the original's",
+            "quantization's error; in vLLM they are the original's (convert with "
+            "--quantized-for transformers for a folder that equals it here)",
             stacklevel=3,
         )
 

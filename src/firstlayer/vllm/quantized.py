@@ -129,6 +129,12 @@ def refuse_unrecorded_quantization(config: Any) -> None:
             "firstlayer's record does not: the folder was not converted from this quantized "
             "checkpoint; convert the source again"
         )
+    if record and record.get("quantized_for", "vllm") != "vllm":
+        raise FirstLayerError(
+            f"the folder's table quantizes layer 0's inputs as {record['quantized_for']} runs "
+            f"this {record['method']} scheme, which vLLM's kernels do otherwise: convert the "
+            "source again with --quantized-for vllm (the default) to serve it in vLLM"
+        )
     if record and not declared:
         raise FirstLayerError(
             f"the folder was converted from a {record['method']} checkpoint and its config.json "
