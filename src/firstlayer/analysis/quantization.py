@@ -38,7 +38,7 @@ FP8_SCALE_BYTES = 4  # fine-grained FP8: float32 `weight_scale_inv`; "ue8m0" sca
 MXFP4_GROUP = 32  # MXFP4: one 1-byte (E8M0) scale per 32 values, two 4-bit values per byte
 # quant_method "gguf" is a GGUF file read through transformers, which dequantizes it as it loads.
 _DEQUANTIZED_METHODS = ("gguf",)
-_COMPRESSED_TENSORS_FORMATS = (
+COMPRESSED_TENSORS_FORMATS = (
     "float-quantized",
     "int-quantized",
     "naive-quantized",
@@ -263,10 +263,10 @@ def _default_format(weights: Mapping[str, Any]) -> str:
 def _ct_format(weights: Mapping[str, Any], fmt: str, model_bytes: int, where: str) -> Format:
     bits = int(weights.get("num_bits", 8))
     strategy = str(weights.get("strategy") or "tensor")
-    if fmt not in _COMPRESSED_TENSORS_FORMATS or bits > 8:
+    if fmt not in COMPRESSED_TENSORS_FORMATS or bits > 8:
         raise FirstLayerError(
             f"{where}: compressed-tensors format {fmt!r} with {bits}-bit weights is not one "
-            f"`firstlayer analyze` counts: it counts {', '.join(_COMPRESSED_TENSORS_FORMATS)} "
+            f"`firstlayer analyze` counts: it counts {', '.join(COMPRESSED_TENSORS_FORMATS)} "
             "of 8 bits or fewer"
         )
     if strategy not in _STRATEGIES:

@@ -36,6 +36,7 @@ from firstlayer.conversion.selfcheck import (
     tolerance_for,
 )
 from firstlayer.conversion.weights import (
+    Checkpoint,
     CheckpointRows,
     NeedsLoading,
     Weights,
@@ -337,13 +338,13 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     """The folder sink: the table's rows and every kept weight streamed into sharded files in a
     temporary folder, the self-check on the files, then the folder published."""
     model = weights.model
-    planned = plan_for(model, from_checkpoint=weights.quantization is not None)
+    planned = plan_for(model, from_checkpoint=weights.checkpoint is not None)
     parts, layout = planned.parts, planned.layout
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
     dtype = options.dtype or model_dtype
     quantization = None
-    if weights.quantization is not None:
-        quantization = quantized_config(weights, planned, dtype, model_dtype)
+    if weights.checkpoint is not None:
+        quantization = quantized_config(weights.checkpoint, planned, dtype, model_dtype)
     token_local, dtypes, table_dtype, record = build_table(weights, planned, options)
     if quantization is not None:
         record["quantization"] = quantization.record
@@ -432,7 +433,7 @@ class QuantizedOutput:
 
 
 def quantized_config(
-    weights: Weights, planned: Plan, dtype: torch.dtype, model_dtype: torch.dtype
+    checkpoint: Checkpoint, planned: Plan, dtype: torch.dtype, model_dtype: torch.dtype
 ) -> QuantizedOutput:
     """A quantized source's converted quantization_config: layer 0's eliminated Linears marked
     unquantized. Its tensors are copied as stored, so the folder keeps the source's dtype."""
@@ -442,17 +443,13 @@ def quantized_config(
             f"and quantized tensors as stored: leave out --dtype {dtype}"
         )
     eliminated = planned.parts.eliminated(planned.layout.is_parallel)
-    dequantized = sorted(
-        module
-        for module in weights.quantized
-        if any(f"{module}.".startswith(f"{name}.") for name in eliminated)
-    )
-    config = converted_quantization_config(weights.quantization, dequantized)
-    method = weights.quantization["quant_method"]
+    dequantized = sorted(m for name in eliminated for m in checkpoint.quantized_in(name))
+    config = converted_quantization_config(checkpoint.quantization, dequantized)
+    method = checkpoint.quantization["quant_method"]
     record = {"method": method, "dequantized_into_the_table": dequantized}
-    if weights.inputs_quantized:
-        record["quantized_for"] = weights.quantized_for
-        record["inputs_quantized"] = INPUTS_QUANTIZED_AS[weights.quantized_for]
+    if checkpoint.inputs_quantized:
+        record["quantized_for"] = checkpoint.quantized_for
+        record["inputs_quantized"] = INPUTS_QUANTIZED_AS[checkpoint.quantized_for]
     return QuantizedOutput(config, record)
 
 

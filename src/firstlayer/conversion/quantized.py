@@ -29,18 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from firstlayer.analysis.quantization import COMPRESSED_TENSORS_FORMATS
 from firstlayer.analysis.sources import CONVERTED_QUANTIZATION_METHODS
 from firstlayer.errors import FirstLayerError
 
 # The quantization methods conversion reads, and within them the formats and variants it knows;
 # anything else is refused by name before a weight is read.
 CONVERTED_METHODS = CONVERTED_QUANTIZATION_METHODS
-COMPRESSED_TENSORS_FORMATS = (
-    "int-quantized",
-    "float-quantized",
-    "naive-quantized",
-    "pack-quantized",
-)
 # What each method stores beside (or instead of) a quantized Linear's weight.
 QUANTIZED_SUFFIXES = {
     "compressed-tensors": (

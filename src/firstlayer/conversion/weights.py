@@ -81,24 +81,19 @@ class Weights:
     blocks: Callable[[str, Tensor], Iterator[Tensor]]  # a kept weight, as blocks of rows
     fingerprint: str | Callable[[], str]  # a callable when known only after the stream
     tokenizer: Any | None = None
-    # A quantized checkpoint's: every quantized Linear's stored tensors (on the meta device, in
-    # their stored dtypes and shapes) by name, by module; copied as they are stored.
-    quantized: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
-    quantization: dict[str, Any] | None = None  # the source's quantization_config
-    inputs_quantized: list[str] = dataclasses.field(default_factory=list)
-    quantized_for: str = "vllm"  # the engine whose arithmetic their rows follow
+    checkpoint: Checkpoint | None = None  # a quantized checkpoint's (its quantized Linears)
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
         return rows_at(self.embedding_weight, ids)
 
     def as_stored(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
         """Kept weights as the checkpoint stores them (`stored_view`)."""
-        return stored_view(weights, self.quantized)
+        return weights if self.checkpoint is None else stored_view(weights, self.checkpoint)
 
     def verbatim(self, name: str) -> bool:
         """Whether a kept tensor is a quantized Linear's part, never cast."""
-        module = name.rpartition(".")[0]
-        return name in self.quantized.get(module, ())
+        quantized = {} if self.checkpoint is None else self.checkpoint.quantized
+        return name in quantized.get(name.rpartition(".")[0], ())
 
 
 def loaded_weights(model: nn.Module, tokenizer: Any | None = None) -> Weights:
@@ -193,36 +188,25 @@ def checkpoint_weights(
             entries.append((name, *digests[name]))
         return fingerprint(entries)
 
-    return Weights(
-        model,
-        embedding,
-        blocks,
-        source_fingerprint,
-        tokenizer,
-        quantized=checkpoint.quantized,
-        quantization=checkpoint.quantization,
-        inputs_quantized=checkpoint.inputs_quantized,
-        quantized_for=quantized_for,
-    )
+    quantized = checkpoint if checkpoint.quantization is not None else None
+    return Weights(model, embedding, blocks, source_fingerprint, tokenizer, quantized)
 
 
 def fingerprint_names(checkpoint: Checkpoint) -> dict[str, Tensor]:
     """The state dict's tensors as the checkpoint stores them."""
-    return stored_view(checkpoint.model.state_dict(), checkpoint.quantized)
+    return stored_view(checkpoint.model.state_dict(), checkpoint)
 
 
-def stored_view(
-    weights: dict[str, Tensor], quantized: dict[str, dict[str, Tensor]]
-) -> dict[str, Tensor]:
+def stored_view(weights: dict[str, Tensor], checkpoint: Checkpoint) -> dict[str, Tensor]:
     """Weights by state-dict name, a quantized Linear's `weight` replaced by its stored tensors
     (packed codes, scales, zero points), in order."""
-    if not quantized:
+    if not checkpoint.quantized:
         return weights
     stored = {}
     for name, tensor in weights.items():
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in quantized:
-            stored.update(quantized[module])
+        module = checkpoint.quantized_weight(name)
+        if module is not None:
+            stored.update(checkpoint.quantized[module])
         else:
             stored[name] = tensor
     return stored
@@ -241,7 +225,18 @@ class Checkpoint:
     quantization: dict[str, Any] | None = None
     read: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # tensors materialized
     inputs_quantized: list[str] = dataclasses.field(default_factory=list)  # layer 0's Linears
-    # whose inputs the scheme quantizes (`quantize_layer0_inputs`)
+    # whose inputs the scheme quantizes, and the engine whose arithmetic their rows follow
+    # (`quantize_layer0_inputs`)
+    quantized_for: str = "vllm"
+
+    def quantized_weight(self, name: str) -> str | None:
+        """The quantized Linear whose `weight` a state-dict name is; None for any other."""
+        module = name.removesuffix(".weight")
+        return module if name != module and module in self.quantized else None
+
+    def quantized_in(self, module: str) -> list[str]:
+        """The quantized Linears in a module (or the module itself)."""
+        return [m for m in self.quantized if f"{m}.".startswith(f"{module}.")]
 
     def dequantized(self, module: str, shape: tuple[int, int]) -> Tensor:
         """A quantized Linear's weight, in float32."""
@@ -432,15 +427,14 @@ def materialize(checkpoint: Checkpoint, module_name: str) -> None:
     """Give one meta module its weights from the checkpoint, in the model's dtypes; a module
     holding a quantized Linear in float32, its weight dequantized (exact in float32)."""
     module = checkpoint.model.get_submodule(module_name)
-    inside = [m for m in checkpoint.quantized if f"{m}.".startswith(f"{module_name}.")]
-    if inside:
+    if checkpoint.quantized_in(module_name):
         module.to(torch.float32)
     tensors = {}
     for local, tensor in module.state_dict(keep_vars=True).items():
         name = f"{module_name}.{local}"
-        if name.endswith(".weight") and name.removesuffix(".weight") in checkpoint.quantized:
-            weight = checkpoint.dequantized(name.removesuffix(".weight"), tuple(tensor.shape))
-            tensors[local] = weight
+        quantized = checkpoint.quantized_weight(name)
+        if quantized is not None:
+            tensors[local] = checkpoint.dequantized(quantized, tuple(tensor.shape))
         else:
             tensors[local] = checkpoint.read_tensor(checkpoint.names[name]).to(tensor.dtype)
     module.to_empty(device="cpu")
@@ -457,8 +451,9 @@ def quantize_layer0_inputs(checkpoint: Checkpoint, engine: str = "vllm") -> None
     model = checkpoint.model
     parts, parallel = parts_of(model)
     dtype = model.get_submodule(parts.embedding).weight.dtype
+    checkpoint.quantized_for = engine
     for name in token_local_modules(model):
-        for module in [m for m in checkpoint.quantized if f"{m}.".startswith(f"{name}.")]:
+        for module in checkpoint.quantized_in(name):
             scale = next(
                 (
                     checkpoint.read_tensor(checkpoint.names[n])
