@@ -85,7 +85,7 @@ LAYERS = (
     ("firstlayer.hf",),
     ("firstlayer.conversion",),
     ("firstlayer.tools", "firstlayer.render"),
-    ("firstlayer.vllm",),
+    ("firstlayer.vllm", "firstlayer.mlx"),
     ("firstlayer.cli",),
 )
 

@@ -5,6 +5,8 @@
                            eliminated modules, source fingerprint, size and sha256 of every file
     model.safetensors      the table and every weight still needed, none of the eliminated ones
                            (or shards with model.safetensors.index.json)
+    firstlayer_mlx.py      the model class mlx-lm imports (the config's `model_file`, with
+                           trust_remote_code): firstlayer's, or a refusal naming it
     tokenizer, generation_config.json
 
 A folder is written into a temporary sibling and renamed into place only when complete, so a
@@ -54,6 +56,20 @@ READABLE_FORMATS = (PLAIN_TABLE_FORMAT, INT8_TABLE_FORMAT, FORMAT_VERSION)
 ADAPTER_INPUTS = ("attn_norm", "x")
 WEIGHTS_FILE = WEIGHTS_NAME
 HASH_BLOCK_BYTES = 1 << 24
+# mlx-lm builds a model from the module its config names as `model_file` (only when trusted),
+# and `mlx_lm.convert` copies every *.py file into its output, so this one travels along.
+MLX_MODEL_FILE = "firstlayer_mlx.py"
+MLX_MODEL_SOURCE = '''"""A firstlayer precomputed model (arXiv 2402.13388) in mlx-lm: mlx-lm's own model class of
+the family with layer 0 read from the table, by firstlayer.mlx."""
+
+try:
+    from firstlayer.mlx.models import Model, ModelArgs  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "this folder is a firstlayer precomputed model, which mlx-lm runs with firstlayer's "
+        f"model classes ({error}): pip install 'firstlayer[mlx]'"
+    ) from error
+'''
 
 
 def table_record(
@@ -178,6 +194,7 @@ def write_folder(
         write_sharded(tmp, specs, streams, metadata, max_shard_size)
     check_rows(tmp)
     save_extras(tmp)
+    (tmp / MLX_MODEL_FILE).write_text(MLX_MODEL_SOURCE)
     # Every file but the config itself, so that `check` notices any edited or swapped one.
     names = [f.name for f in tmp.iterdir() if f.is_file() and f.name != "config.json"]
     record["files"] = record_files(tmp, names)

@@ -51,6 +51,7 @@ from firstlayer.conversion.weights import (
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import Parts, family_config, family_of
 from firstlayer.folder import (
+    MLX_MODEL_FILE,
     file_sha256,
     is_precomputed_folder,
     keeps_attn_norm,
@@ -400,7 +401,9 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
 
     def save_config(tmp: Path) -> None:
         config = quantization.config if quantization is not None else None
-        saved_config(model, record, dtype, config).save_pretrained(tmp)
+        saved = saved_config(model, record, dtype, config)
+        saved.model_file = MLX_MODEL_FILE  # what mlx-lm imports to build the model
+        saved.save_pretrained(tmp)
 
     def write(tmp: Path) -> None:
         streams = [table(), copies()]

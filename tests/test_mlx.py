@@ -1,0 +1,245 @@
+"""Converted folders in mlx-lm (issue 26): its own loader, generate, CLI and converter run them
+with mlx-lm's own model classes, giving what mlx-lm gives for the original folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+mlx_lm = pytest.importorskip(
+    "mlx_lm", reason="mlx-lm is installed in .venv only (`pip install 'firstlayer[mlx]'`)"
+)
+
+import mlx.core as mx  # noqa: E402
+from conftest import FAMILIES, build_tiny  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from firstlayer.conversion import convert  # noqa: E402
+from firstlayer.errors import FirstLayerError  # noqa: E402
+from firstlayer.folder import MLX_MODEL_FILE  # noqa: E402
+from firstlayer.mlx.models import legacy_rope_fields, refuse_unsupported_version  # noqa: E402
+
+# Both models run in float32 on mlx's CPU kernels; the table's rows came from transformers' float32
+# layer 0, which rounds differently from mlx's own by a few units in the last place.
+FLOAT32_ROUNDING = 1e-5
+
+# What the test configs change so that mlx-lm 0.32 runs the original at all: its GPT-NeoX MLP is
+# 4 x hidden and always the tanh GELU (transformers' `gelu_fast`; with `gelu` mlx-lm's own model
+# departs from the original), its Phi has no q/k LayerNorms, and its Gemma 3, Cohere 2 and OLMo 3
+# index a full-attention layer past a 2-layer model.
+MLX_RUNS_ORIGINAL = {
+    "gpt_neox": dict(hidden_act="gelu_fast", intermediate_size=256),
+    "gpt_neox_serial": dict(hidden_act="gelu_fast", intermediate_size=256),
+    "phi": dict(qk_layernorm=False),
+    "gemma3_text": dict(num_hidden_layers=6),
+    "cohere2": dict(num_hidden_layers=4),
+    "olmo3": dict(num_hidden_layers=4),
+    "llama": dict(rope_theta=500000.0),  # not mlx-lm's default: read from the config
+}
+# Families both have whose original folder (as transformers 5 saves it) mlx-lm 0.32.2 does not
+# run, so there is nothing to compare with; and families mlx-lm has no model for.
+NOT_IN_MLX = {
+    "olmo": "mlx-lm's OLMo imports the ai2-olmo package and exits without it",
+    "qwen3_moe": "mlx-lm reads `num_experts`, which transformers 5 writes otherwise",
+    "exaone4": "mlx-lm requires `head_dim` and `rope_scaling` in the config",
+    "apertus": "mlx-lm requires `mlp_bias`, `post_norm` and `qk_norm` in the config",
+    "gpt_oss": "mlx-lm does not read transformers 5's expert tensors",
+    "phimoe": "mlx-lm's PhiMoE expects attention and LM-head biases the config has not",
+    "falcon": "no mlx-lm model",
+    "falcon_new": "no mlx-lm model",
+    "bloom": "no mlx-lm model",
+    "mpt": "no mlx-lm model",
+    "arcee": "no mlx-lm model",
+}
+MLX_FAMILIES = [f for f in FAMILIES if f.id not in NOT_IN_MLX]
+PROMPT = [[5, 17, 200, 3, 9, 44, 100, 7]]
+DECODE_STEPS = 6
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the tiny vocabulary ("w3 w17 ..."), which mlx-lm needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Folders:
+    original: Path
+    precomputed: Path
+
+
+@pytest.fixture(scope="session")
+def mlx_folders(tmp_path_factory):
+    """family id -> the original folder as published (RoPE settings under the top-level names
+    mlx-lm reads) and its `firstlayer convert`ed folder, written once per session."""
+    made: dict[str, Folders] = {}
+
+    def folders(family_id: str, **extra) -> Folders:
+        key = family_id + json.dumps(extra, sort_keys=True)
+        if key not in made:
+            family = next(f for f in FAMILIES if f.id == family_id)
+            settings = {**family.extra, **MLX_RUNS_ORIGINAL.get(family_id, {})}
+            model = build_tiny(dataclasses.replace(family, extra=settings))
+            tokenizer = tiny_tokenizer(model.config.vocab_size)
+            root = tmp_path_factory.mktemp(f"mlx-{family_id}")
+            model.save_pretrained(root / "original")
+            tokenizer.save_pretrained(root / "original")
+            config_file = root / "original" / "config.json"
+            config = json.loads(config_file.read_text())
+            config_file.write_text(json.dumps({**legacy_rope_fields(config), **config}))
+            precomputed = convert(model, root / "precomputed", tokenizer=tokenizer, **extra)
+            made[key] = Folders(root / "original", precomputed)
+        return made[key]
+
+    return folders
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return float(mx.abs(a - b).max())
+
+
+def prompt_and_decode_logits(model) -> list[mx.array]:
+    """Logits over the prompt, then over greedy KV-cached decode steps."""
+    cache = make_prompt_cache(model)
+    logits = [model(mx.array(PROMPT), cache=cache)]
+    for _ in range(DECODE_STEPS):
+        token = mx.argmax(logits[-1][:, -1:], axis=-1)
+        logits.append(model(token, cache=cache))
+    return logits
+
+
+@pytest.mark.parametrize("family", MLX_FAMILIES, ids=[f.id for f in MLX_FAMILIES])
+def test_precomputed_logits_match_mlx_original(family, mlx_folders):
+    """Over a prompt and KV-cached greedy decoding, the converted folder's logits in mlx-lm are
+    the original folder's in mlx-lm, to float32 rounding."""
+    folders = mlx_folders(family.id)
+    original, _ = mlx_lm.load(str(folders.original))
+    precomputed, _ = mlx_lm.load(str(folders.precomputed), trust_remote_code=True)
+    expected = prompt_and_decode_logits(original)
+    got = prompt_and_decode_logits(precomputed)
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert max_diff(a, b) <= FLOAT32_ROUNDING, (family.id, step)
+    assert "FirstLayer" in type(precomputed).__name__
+    assert type(original).__mro__[0] in type(precomputed).__mro__  # mlx-lm's own class
+
+
+@pytest.mark.parametrize("family_id", ["llama", "gpt_neox", "gemma"])
+def test_generate_api_gives_the_original_tokens(family_id, mlx_folders):
+    folders = mlx_folders(family_id)
+    original, tokenizer = mlx_lm.load(str(folders.original))
+    precomputed, _ = mlx_lm.load(str(folders.precomputed), trust_remote_code=True)
+    prompt = "w5 w17 w200 w3 w9"
+    expected = mlx_lm.generate(original, tokenizer, prompt, max_tokens=12)
+    assert mlx_lm.generate(precomputed, tokenizer, prompt, max_tokens=12) == expected
+    streamed = "".join(r.text for r in mlx_lm.stream_generate(precomputed, tokenizer, prompt, 12))
+    assert streamed == expected
+    prompts = [tokenizer.encode(p) for p in (prompt, "w9 w8", "w100 w101 w102 w103 w104 w105")]
+    batched = [
+        mlx_lm.batch_generate(m, tokenizer, prompts, max_tokens=8).texts
+        for m in (original, precomputed)
+    ]
+    assert batched[0] == batched[1]
+
+
+def test_generate_cli_gives_the_original_tokens(mlx_folders, monkeypatch, capsys):
+    from mlx_lm.generate import main
+
+    folders = mlx_folders("qwen3")
+    outputs = []
+    for folder, trust in ((folders.original, []), (folders.precomputed, ["--trust-remote-code"])):
+        argv = ["mlx_lm.generate", "--model", str(folder), "--prompt", "w5 w17 w200", *trust]
+        monkeypatch.setattr(sys, "argv", [*argv, "--max-tokens", "12", "--temp", "0"])
+        main()
+        outputs.append(capsys.readouterr().out.split("==========")[1])
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_converted_folder_names_its_mlx_module(mlx_folders):
+    folder = mlx_folders("llama").precomputed
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_file"] == MLX_MODEL_FILE
+    assert MLX_MODEL_FILE in config["firstlayer"]["files"]  # checksummed like every file
+
+
+def test_refused_without_trust_remote_code(mlx_folders):
+    with pytest.raises(ValueError, match=MLX_MODEL_FILE):
+        mlx_lm.load(str(mlx_folders("llama").precomputed))
+
+
+def test_refused_without_firstlayer(mlx_folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "firstlayer.mlx.models", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'firstlayer\[mlx\]'"):
+        mlx_lm.load(str(mlx_folders("llama").precomputed), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("version", ["0.31.3", "0.33.0"])
+def test_mlx_lm_outside_the_tested_range_is_refused(version, mlx_folders, monkeypatch):
+    with pytest.raises(FirstLayerError, match=r"mlx-lm >=0\.32\.0,<0\.33"):
+        refuse_unsupported_version(version)
+    # Through mlx-lm's loader: the folder's module imports firstlayer's, which checks on import.
+    monkeypatch.setattr(mlx_lm, "__version__", version)
+    monkeypatch.delitem(sys.modules, "firstlayer.mlx.models")
+    with pytest.raises(FirstLayerError, match=f"mlx-lm {version} is installed"):
+        mlx_lm.load(str(mlx_folders("llama").precomputed), trust_remote_code=True)
+
+
+def test_input_embeddings_are_refused(mlx_folders):
+    model, _ = mlx_lm.load(str(mlx_folders("llama").precomputed), trust_remote_code=True)
+    embeddings = model.model.embed_tokens(mx.array(PROMPT))
+    with pytest.raises(FirstLayerError, match="input embeddings"):
+        model(mx.array(PROMPT), input_embeddings=embeddings)
+
+
+def test_table_dtypes_read_as_transformers_reads_them(mlx_folders):
+    """An int8 table (per-row scales) and a bfloat16 one run in mlx-lm with the logits
+    transformers computes from the same folder."""
+    import torch
+
+    from firstlayer.hf.loading import load
+
+    for table_dtype in ("int8", "bfloat16"):
+        folder = mlx_folders("gpt_neox", table_dtype=table_dtype).precomputed
+        model, _ = mlx_lm.load(str(folder), trust_remote_code=True)
+        with torch.no_grad():
+            expected = load(folder)(torch.tensor(PROMPT)).logits.numpy()
+        assert max_diff(model(mx.array(PROMPT)), mx.array(expected)) <= FLOAT32_ROUNDING
+
+
+def test_lora_on_layer_0_is_refused_by_name(mlx_folders):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    settings = {"rank": 4, "scale": 1.0, "dropout": 0.0}
+    model, _ = mlx_lm.load(str(mlx_folders("llama").precomputed), trust_remote_code=True)
+    linear_to_lora_layers(model, 1, settings)  # the last layer: as for the original
+    with pytest.raises(FirstLayerError, match="layer 0"):
+        linear_to_lora_layers(model, 2, settings)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_by_mlx_convert(bits, mlx_folders, tmp_path):
+    """`mlx_lm.convert --quantize` keeps the module, quantizes the table like an embedding, and
+    the result loads and generates."""
+    from mlx_lm.convert import convert as mlx_convert
+
+    folders = mlx_folders("llama")
+    out = tmp_path / "quantized"
+    mlx_convert(
+        str(folders.precomputed), str(out), quantize=True, q_bits=bits, trust_remote_code=True
+    )
+    assert (out / MLX_MODEL_FILE).is_file()
+    model, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)
+    table = model.model.embed_tokens
+    assert {type(table.residual).__name__, type(table.qkv).__name__} == {"QuantizedEmbedding"}
+    assert table.qkv.bits == bits
+    assert mlx_lm.generate(model, tokenizer, "w5 w17", max_tokens=4)
