@@ -143,12 +143,20 @@ def test_an_int8_table_takes_an_adapter_but_refuses_to_merge_it(llama):
 
 # Each family's layer-0 projections an adapter can reach exactly: every serial layout, with the
 # steps before layer 0 (Gemma's scale, Granite's multiplier, BLOOM's embedding norm), no attention
-# norm (OLMo 2), fused projections (Phi-3, BLOOM, MPT), v beside normed q/k (Qwen3).
+# norm (OLMo 2), fused projections (Phi-3, BLOOM, MPT), q and k before a norm the model runs on
+# them: per head (Qwen3, Gemma 3, Qwen3-MoE, Exaone 4, StableLM) or across all heads (OLMo 2,
+# OLMoE), rank 8 on q/k/v/o and the MLP as a new user would try first.
 EXACT = {
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "granite": ["q_proj", "v_proj", "down_proj"],
-    "olmo2": ["v_proj", "o_proj"],
-    "qwen3": ["v_proj", "o_proj", "gate_proj"],
+    "olmo2": LLAMA_TARGETS,
+    "qwen3": LLAMA_TARGETS,
+    "gemma3_text": LLAMA_TARGETS,
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "olmoe": ["q_proj", "k_proj", "o_proj"],
+    "exaone4": ["q_proj", "k_proj", "v_proj"],
+    "stablelm": ["q_proj", "k_proj", "v_proj"],
+    "apertus": ["q_proj", "k_proj"],
     "phi3": ["qkv_proj", "o_proj"],
     "bloom": ["query_key_value", "dense"],
     "mpt": ["Wqkv"],
@@ -174,9 +182,9 @@ def test_every_serial_layout_takes_an_adapter_on_layer_0_exactly(case, tmp_path)
 # What the table replaced and an adapter cannot reach exactly: refused at load, by name.
 REFUSED = [
     (
-        "qwen3",
+        "stablelm_parallel",
         {"target_modules": ["q_proj", "v_proj"]},
-        "q_proj: it is followed by a per-head norm",
+        "parallel block's table rows hold x",
     ),
     ("gpt_neox", {"target_modules": ["query_key_value"]}, "parallel block's table rows hold x"),
     ("gpt_neox", {"target_modules": ["dense_h_to_4h"]}, "parallel block's layer-0 MLP"),

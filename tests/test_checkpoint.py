@@ -14,6 +14,7 @@ from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
 from firstlayer.folder import WEIGHTS_FILE
 from firstlayer.hf.loading import load, save
+from firstlayer.hf.patch import parts_of
 from firstlayer.tools.verify import FLOAT32_LOGIT_TOLERANCE, verify
 
 
@@ -54,14 +55,21 @@ def test_saved_folder_holds_the_table_and_none_of_the_eliminated_weights(tiny, t
     if record["lm_head"]["reads_table"]:
         assert f"{record['lm_head']['module']}.weight" not in names  # not stored twice
     assert record["source_fingerprint"]
+    run_head_norms = parts_of(tiny)[0].run_head_norms.values()
+    if run_head_norms:
+        # Format 6: the table holds q and k before their norms, which the folder keeps.
+        assert record["format_version"] == 6 and record["head_norms"] == "at_run_time"
+        for norm in run_head_norms:
+            assert any(n.startswith(norm + ".") for n in names), norm
+            assert norm not in record["eliminated"]
     if record["architecture"] == "serial" and record["adapter_input"] == "attn_norm":
-        # Format 5: the table module keeps layer 0's attention norm, for adapters.
-        assert record["format_version"] == 5
+        # Format 5 (6 with q/k norms): the table module keeps layer 0's attention norm.
+        assert record["format_version"] == (6 if run_head_norms else 5)
         norm = dict(tiny.named_modules())[record["eliminated"][0]]  # layer 0's attention norm
         table = record["table"]["module"]
         kept = {n.removeprefix(f"{table}.attn_norm.") for n in names if ".attn_norm." in n}
         assert kept == set(norm.state_dict())  # none for OLMo's norms without weights
-    else:
+    elif not run_head_norms:
         assert record["format_version"] == 2  # a float table
     assert record["files"][WEIGHTS_FILE]["bytes"] == (out / WEIGHTS_FILE).stat().st_size
 

@@ -19,7 +19,8 @@ TINY = dict(
 )
 
 # Each case: model_type, config overrides, where layer 0 lives, and the layer-0 modules the
-# converter removes (attention input norm, Q/K/V, q/k norms; parallel blocks: MLP norm and MLP).
+# converter removes (attention input norm, Q/K/V; parallel blocks: q/k norms, MLP norm and MLP;
+# a serial block keeps its q/k norms, which run on the table's q/k columns).
 LLAMA_LIKE_QKV = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 CASES = {
@@ -42,7 +43,7 @@ CASES = {
         "qwen3",
         dict(num_key_value_heads=2, head_dim=32),
         "model.layers.0.",
-        LLAMA_LIKE_QKV + QK_NORMS,
+        LLAMA_LIKE_QKV,
     ),
     "gemma": ("gemma", dict(num_key_value_heads=1, head_dim=32), "model.layers.0.", LLAMA_LIKE_QKV),
     "gemma2": (
@@ -55,7 +56,7 @@ CASES = {
         "gemma3_text",
         dict(num_key_value_heads=2, head_dim=32),
         "model.layers.0.",
-        LLAMA_LIKE_QKV + QK_NORMS,
+        LLAMA_LIKE_QKV,
     ),
     "phi3": (
         "phi3",
@@ -70,7 +71,7 @@ CASES = {
         "olmo2",
         dict(num_key_value_heads=2),
         "model.layers.0.",
-        LLAMA_LIKE_QKV[1:] + QK_NORMS,
+        LLAMA_LIKE_QKV[1:],
     ),
     "starcoder2": ("starcoder2", dict(), "model.layers.0.", LLAMA_LIKE_QKV),
     "stablelm": ("stablelm", dict(num_key_value_heads=2), "model.layers.0.", LLAMA_LIKE_QKV),

@@ -421,13 +421,14 @@ def _layer_weights(m: ModelDims, exact: bool) -> tuple[LayerWeights, int, int]:
 
 
 def _eliminated_attention(m: ModelDims, exact: bool) -> int:
-    """Layer 0's token-local attention input: its norm, Q, K, V and their biases, q/k norms."""
+    """Layer 0's token-local attention input: its norm, Q, K, V and their biases, and a parallel
+    block's q/k norms (a serial block's run on the table's q/k columns, for adapters' sake)."""
     qkv = m.d * (m.q_dim + 2 * m.e)
     if not exact:
         return qkv
     bias = m.q_dim + 2 * m.e if m.extras.qkv_bias else 0
     norm = m.extras.norm_vectors * m.d if m.extras.has_attn_norm else 0
-    return qkv + bias + norm + m.extras.qk_norm_weights
+    return qkv + bias + norm + (m.extras.qk_norm_weights if m.is_parallel else 0)
 
 
 def _batch_reads(cost: Cost, batch: int) -> BatchReads:

@@ -155,7 +155,9 @@ def _float32_layer0(model: nn.Module, parts: Parts, layout: TableLayout) -> nn.M
     """A float32 copy of layer 0 whose token-local modules hold real weights; every other
     parameter is an empty meta tensor (the passes never run those modules)."""
     layer = model.get_submodule(parts.layer)
-    needed = parts.eliminated(layout.is_parallel)
+    # q/k norms the model runs on the table's columns may run between two projections (OLMo 2
+    # norms q before it projects k).
+    needed = (*parts.eliminated(layout.is_parallel), *parts.run_head_norms.values())
     kept = {id(p) for name in needed for p in model.get_submodule(name).parameters()}
     memo = {
         id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)

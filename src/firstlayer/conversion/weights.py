@@ -417,10 +417,12 @@ def checkpoint_names(
     return names, quantized
 
 
-def token_local_modules(model: nn.Module) -> list[str]:
-    """Layer 0's modules the table is computed from (and so the only ones materialized)."""
-    parts, parallel = parts_of(model)
-    return list(parts.token_local(parallel))
+def token_local_modules(model: nn.Module, record: dict | None = None) -> list[str]:
+    """Layer 0's modules the table is computed from, as a conversion computes it now or as
+    `record`'s folder was computed (`hf.patch.parts_of`), and the q/k norms a run of layer 0
+    passes through on the way to its last projection: the modules materialized."""
+    parts, parallel = parts_of(model, record)
+    return [*parts.token_local(parallel), *parts.run_head_norms.values()]
 
 
 def materialize(checkpoint: Checkpoint, module_name: str) -> None:

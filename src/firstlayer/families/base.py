@@ -10,7 +10,7 @@ no transformers: `firstlayer analyze` reads it too.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from firstlayer.errors import FirstLayerError
@@ -85,7 +85,12 @@ class Parts:
     embedding: str  # input embedding
     attn_norm: str | None  # norm in front of attention; None where layers norm only after it
     projections: tuple[str, ...]  # q, k, v projections (or one fused qkv), in table column order
-    head_norms: Mapping[str, str] = field(default_factory=dict)  # projection -> its per-head norm
+    # projection -> its per-head (or full-width) q/k norm, folded into the table's columns
+    head_norms: Mapping[str, str] = field(default_factory=dict)
+    # The same norms where the table holds q and k before them and the model keeps and runs them
+    # (`head_norms_at_run_time`): an adapter's change to q or k then enters before the norm, as in
+    # the original.
+    run_head_norms: Mapping[str, str] = field(default_factory=dict)
     lm_head: str = "lm_head"
     mlp_norm: str | None = None  # parallel only, when the MLP has a norm of its own
     mlp: str | None = None  # parallel only: precomputed as r = x + mlp(mlp_norm(x))
@@ -115,6 +120,10 @@ class Parts:
     @property
     def has_steps_before_layer0(self) -> bool:
         return self.embedding_multiplier is not None or self.embedding_norm is not None
+
+    def head_norms_at_run_time(self) -> Parts:
+        """These parts with the q/k norms kept in the model, run on the table's q/k columns."""
+        return replace(self, head_norms={}, run_head_norms=self.head_norms)
 
     def eliminated(self, is_parallel: bool) -> tuple[str, ...]:
         """Modules whose weights the table replaces (the embedding itself aside)."""

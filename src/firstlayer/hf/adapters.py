@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.families import family_config, family_of
+from firstlayer.families import family_config
 from firstlayer.hf.models import original_on_meta
+from firstlayer.hf.patch import parts_of
 
 FIX = (
     "merge the adapter into the original model and convert the merged model (`firstlayer "
@@ -66,9 +67,8 @@ def adapter_targets(config: Any) -> AdapterTargets:
 def _targets(config_json: str) -> AdapterTargets:
     values = json.loads(config_json)
     record = values["firstlayer"]
-    family = family_of(record["model_type"])
     original = original_on_meta(values)  # the original's module tree, for its names
-    parts = family.parts(original)
+    parts, _ = parts_of(original, record)
     is_parallel = record["architecture"] == "parallel"
     adapter_input = record.get("adapter_input")
     names = [name for name, _ in original.named_modules()]
@@ -95,8 +95,10 @@ def _targets(config_json: str) -> AdapterTargets:
             )
         elif projection in parts.head_norms:
             refused[projection] = (
-                f"it is followed by a per-head norm ({parts.head_norms[projection]}) whose "
-                "output the table holds, and an adapter's change enters before that norm"
+                f"it is followed by a q/k norm ({parts.head_norms[projection]}) whose output "
+                "this folder's table holds, and an adapter's change enters before that norm "
+                "(it was converted before format 6, which keeps q and k before the norm: "
+                "convert the source again)"
             )
         else:
             exact.add(projection)

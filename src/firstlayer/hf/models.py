@@ -248,7 +248,7 @@ class SourceWeights:
 
     def __call__(self, model: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         original = copy.deepcopy(original_on_meta(model.config))  # materialized below
-        parts, parallel = parts_of(original)
+        parts, parallel = parts_of(original, model.config.firstlayer)
         needed = {f"{parts.embedding}.weight"} | {
             f"{module}.{name}"
             for module in parts.token_local(parallel)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import Parts, family_config, family_of, is_parallel
+from firstlayer.folder import head_norms_in_table
 from firstlayer.safetensors_io import MappedFile
 from firstlayer.table.build import scale_in
 from firstlayer.table.codec import column_segments
@@ -331,12 +332,19 @@ def refuse_ids_outside_table(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
-def parts_of(model: nn.Module) -> tuple[Parts, bool]:
+def parts_of(model: nn.Module, record: dict | None = None) -> tuple[Parts, bool]:
     """Where layer 0's token-local modules are in this model, and whether its blocks are
-    parallel; refuses a family the method does not apply to, or that is not declared."""
+    parallel; refuses a family the method does not apply to, or that is not declared. Whether
+    the q/k norms are in the table or run at run time (`Parts.run_head_norms`) is what `record`
+    says (default: the model's own; for a model not precomputed, how a conversion writes it)."""
     config = family_config(model.config)
     parts = family_of(config["model_type"]).parts(model)
-    return parts, is_parallel(config)
+    parallel = is_parallel(config)
+    if record is None:
+        record = getattr(model.config, "firstlayer", None)
+    if not head_norms_in_table(record, parallel):
+        parts = parts.head_norms_at_run_time()
+    return parts, parallel
 
 
 def lm_head_reads_table(model: nn.Module, parts: Parts, parallel: bool) -> bool:

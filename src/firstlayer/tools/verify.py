@@ -171,7 +171,7 @@ def layer0_errors(
     """(max, mean) |error| against float32 of the table's rows (as the model reads them), and of
     the same rows computed the way the original computes layer 0 in `dtype`, over a sample of
     token ids."""
-    parts, parallel = parts_of(original)
+    parts, parallel = parts_of(original, precomputed.config.firstlayer)
     layout = table_layout(original, parts, parallel)
     exact = TokenLocal(original, parts, layout, dtype=torch.float32)
     reduced = TokenLocal(original, parts, layout, dtype=dtype)

@@ -45,7 +45,7 @@ from firstlayer.families import (
     VllmOwnClass,
     family_of,
 )
-from firstlayer.folder import keeps_attn_norm, require_files
+from firstlayer.folder import head_norms_in_table, keeps_attn_norm, require_files
 from firstlayer.hf.models import as_saved, to_host
 from firstlayer.hf.models import model_class as transformers_class
 from firstlayer.hf.patch import (
@@ -396,9 +396,12 @@ def install_table(
         attention.set_submodule(family.qkv, lora_layer(projection, model, family.qkv, lora_config))
     else:
         attention.set_submodule(family.qkv, RowsAsProjection())
-    for name in family.head_norms:
-        if hasattr(attention, name):
-            attention.set_submodule(name, nn.Identity())
+    # Folded into the rows in folders before format 6; from format 6 on, q and k are stored
+    # before them and the family's attention runs them, an adapter's change included.
+    if head_norms_in_table(record, layout.is_parallel):
+        for name in family.head_norms:
+            if hasattr(attention, name):
+                attention.set_submodule(name, nn.Identity())
     eliminated = [n for n in (*family.norms, family.mlp) if n is not None and hasattr(layer, n)]
     if family.kind == "serial":
         norm = layer.get_submodule(family.norms[0]) if keeps_attn_norm(record) else None
@@ -678,7 +681,7 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
     record = config.firstlayer
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(source_config(config, "eager"))
-    parts, _ = parts_of(reference)
+    parts, _ = parts_of(reference, record)
 
     mapped = functools.partial(backend_name, model)
     parts = dataclasses.replace(
