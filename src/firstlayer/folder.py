@@ -42,18 +42,26 @@ from firstlayer.safetensors_io import (
 from firstlayer.table.codec import dtype_name
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout
 
-# A serial folder whose table module keeps layer 0's attention norm is format 5 (its int8 tables
-# as format 4's); one with an int8 table and no kept norm is format 4 (a fused projection's scales
-# per head); every other folder is written as format 2, which it still is, so that older readers
-# keep reading it. docs/formats.md has the history.
-FORMAT_VERSION = 5
+# A serial folder whose table holds q and k before layer 0's q/k norms, which the model keeps and
+# runs, is format 6 (a reader of format 5 would run it without them); one whose table module
+# keeps layer 0's attention norm is format 5 (its int8 tables as format 4's); one with an int8
+# table and no kept norm is format 4 (a fused projection's scales per head); every other folder
+# is written as format 2, which it still is, so that older readers keep reading it.
+# docs/formats.md has the history.
+FORMAT_VERSION = 6
+ATTN_NORM_FORMAT = 5
 INT8_TABLE_FORMAT = 4
 PLAIN_TABLE_FORMAT = 2
-READABLE_FORMATS = (PLAIN_TABLE_FORMAT, INT8_TABLE_FORMAT, FORMAT_VERSION)
+READABLE_FORMATS = (PLAIN_TABLE_FORMAT, INT8_TABLE_FORMAT, ATTN_NORM_FORMAT, FORMAT_VERSION)
 # What an adapter's layer-0 part reads, norm(x): the attention norm the table module keeps
 # (`<embedding>.attn_norm`), or x itself where layer 0 norms only after attention. A parallel
 # block's rows hold x + mlp(x), so it has none.
 ADAPTER_INPUTS = ("attn_norm", "x")
+# Where layer 0's q/k norms (Qwen3, Gemma 3, OLMo 2, ...) run, in the record's `head_norms`:
+# "at_run_time", the table holding q and k before them (a serial folder of format 6: an
+# adapter's change to q or k enters before the norm, as in the original); absent, folded into the
+# table's q/k columns (a parallel block, whose q/k take no adapter, and folders before format 6).
+HEAD_NORMS_AT_RUN_TIME = "at_run_time"
 WEIGHTS_FILE = WEIGHTS_NAME
 HASH_BLOCK_BYTES = 1 << 24
 # mlx-lm builds a model from the module its config names as `model_file` (only when trusted),
@@ -83,8 +91,10 @@ def table_record(
     """The `firstlayer` section of a precomputed model's config. `table_dtype` is the qkv
     block's, `residual_dtype` the residual block's (default the same)."""
     adapter_input = adapter_input_of(parts, layout)
-    if adapter_input == "attn_norm":
+    if parts.run_head_norms:
         version = FORMAT_VERSION
+    elif adapter_input == "attn_norm":
+        version = ATTN_NORM_FORMAT
     else:
         version = INT8_TABLE_FORMAT if table_dtype == torch.int8 else PLAIN_TABLE_FORMAT
     return {
@@ -101,6 +111,7 @@ def table_record(
         "lm_head": {"module": parts.lm_head, "reads_table": lm_head_reads_table},
         "eliminated": list(parts.eliminated(layout.is_parallel)),
         **({"adapter_input": adapter_input} if adapter_input else {}),
+        **({"head_norms": HEAD_NORMS_AT_RUN_TIME} if parts.run_head_norms else {}),
     }
 
 
@@ -109,6 +120,15 @@ def adapter_input_of(parts: Parts, layout: TableLayout) -> str | None:
     if layout.is_parallel:
         return None
     return "attn_norm" if parts.attn_norm is not None else "x"
+
+
+def head_norms_in_table(record: dict | None, is_parallel: bool) -> bool:
+    """Whether a table holds q and k after layer 0's q/k norms: as its folder's record says, or,
+    for a table not written yet (`record` None), as a conversion writes it now: folded for
+    parallel blocks, at run time for serial ones."""
+    if record is None:
+        return is_parallel
+    return record.get("head_norms") != HEAD_NORMS_AT_RUN_TIME
 
 
 def keeps_attn_norm(record: dict) -> bool:

@@ -538,9 +538,9 @@ def check_folder_rows(
         )
     checkpoint = meta_model(Path(source), deltas)
     model, folder, names = checkpoint.model, checkpoint.folder, checkpoint.names
-    parts, _ = parts_of(model)
+    parts, _ = parts_of(model, record)
     layout = TableLayout.from_dict(record["table"])
-    for module_name in token_local_modules(model):
+    for module_name in token_local_modules(model, record):
         materialize(checkpoint, module_name)
     quantize_layer0_inputs(checkpoint, record.get("quantization", {}).get("quantized_for", "vllm"))
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
