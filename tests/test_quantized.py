@@ -270,7 +270,33 @@ def test_another_dtype_is_refused(sources, tmp_path):
 
 def test_verify_compares_with_the_original_as_transformers_loads_it(sources, converted, capsys):
     """The quantized original loaded by its quantizer in float32, the converted folder as it
-    loads: within what the original itself loses in bfloat16."""
+    loads: within what the original itself loses in bfloat16; weights counted as `analyze`
+    counts them (not compressed-tensors' int64 `weight_shape` beside each packed weight)."""
     fmt = "ct-w4a16-g32"
-    assert main(["verify", str(sources[fmt]), str(converted[fmt])]) == 0
+    assert main(["verify", str(sources[fmt]), str(converted[fmt]), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out
+    assert "matches `analyze --accounting exact`: +32,768" in out
+    assert "parameters           361,088 -> 393,856" in out  # qc's tiny Llama, by hand
+
+
+@pytest.mark.parametrize("fmt", ["ct-w8a8-int8-dynamic", "ct-fp8-dynamic"])
+def test_verify_passes_a_folder_quantized_for_transformers_and_fails_a_wrong_one(
+    fmt, sources, tmp_path, capsys
+):
+    """A folder that is the original in transformers bit for bit passes: verify's layer-0
+    baseline quantizes the inputs per token as the original does. The same folder with every
+    q/k/v entry one bfloat16 step off fails."""
+    from firstlayer.hf.loading import load, load_original
+    from firstlayer.tools.verify import verify
+
+    out = convert_checkpoint(sources[fmt], tmp_path / "out", quantized_for="transformers")
+    assert main(["verify", str(sources[fmt]), str(out), "--max-new-tokens", "4"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+    original = load_original(str(sources[fmt])).model
+    wrong = load(out, table_memory="host")
+    with torch.no_grad():
+        qkv = wrong.get_input_embeddings().qkv
+        qkv.copy_(torch.nextafter(qkv, torch.full_like(qkv, torch.inf)))
+    assert not verify(original, wrong, max_new_tokens=4).passed

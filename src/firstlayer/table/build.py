@@ -86,7 +86,7 @@ class TokenLocal(nn.Module):
         if not self.is_parallel:
             return x_plain  # unscaled: an embedding scale is applied at run time
         x = x_plain if self.scale is None else x_plain * self.scale
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x)[None])[0]  # (1, N, D), as qkv's Linears
 
     @torch.inference_mode()
     def qkv(self, ids: Tensor) -> Tensor:
@@ -101,7 +101,9 @@ class TokenLocal(nn.Module):
         for projection, head_norm, has_norm in zip(
             self.projections, self.head_norms, self.has_head_norm, strict=True
         ):
-            out = projection(normed)  # (N, width)
+            # (1, N, D) -> (N, width): a Linear sees (B, T, D) as in the model, for a quantized
+            # one's sake (compressed-tensors' per-token input scales reduce all but dims 0, 1).
+            out = projection(normed[None])[0]
             if has_norm:
                 # per-head norm: (N, H*Dh) -> (N, H, Dh) -> (N, H*Dh); a full-width one
                 # (OLMo 2) is one "head" of H*Dh. Its last gain dimension says which.

@@ -83,10 +83,16 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
+# What a quantized Linear keeps beside its weight (compressed-tensors' scales, zero points and
+# int64 `weight_shape`, fine-grained FP8's `weight_scale_inv`), and an int8 table's scales: not
+# weights, and not what `analyze --accounting exact` counts.
+NOT_WEIGHTS = ("_scale", "_scale_inv", "_zero_point", "_shape", "_g_idx")
+
+
 def weights_count(model: nn.Module) -> int:
     """Weights the model holds, each once: a tied LM head (the table's x block) counts once."""
-    # Tied parameters appear once; an int8 table's scales are not weights.
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_scale"))
+    # Tied parameters appear once.
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith(NOT_WEIGHTS))
 
 
 def prompt_batch(tokenizer: Any | None, prompts: tuple[str, ...], vocab_size: int) -> dict:
