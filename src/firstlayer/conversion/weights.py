@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.conversion.quantized import (
+    FUSED,
     dequantize,
     input_quantization,
     quantize_inputs,
     quantized_modules,
     refuse_unknown,
+    scaled_product,
 )
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import family_config, family_of
@@ -456,23 +458,40 @@ def quantize_layer0_inputs(checkpoint: Checkpoint, engine: str = "vllm") -> None
     checkpoint.quantized_for = engine
     for name in token_local_modules(model):
         for module in checkpoint.quantized_in(name):
-            scale = next(
-                (
-                    checkpoint.read_tensor(checkpoint.names[n])
-                    for n in checkpoint.quantized[module]
-                    if n.endswith((".input_scale", ".activation_scale"))
-                ),
-                None,
-            )
+            scale = stored_input_scale(checkpoint, module)
             if input_quantization(checkpoint.quantization, module, scale) is None:
                 continue  # weights only
             checkpoint.inputs_quantized.append(module)
+            if engine == "vllm" and scale is not None:
+                # vLLM fuses q/k/v (gate/up) into one Linear, whose input it quantizes by the
+                # largest of their stored scales.
+                scales = [stored_input_scale(checkpoint, m) for m in fused_with(checkpoint, module)]
+                scale = max((s for s in scales if s is not None), key=lambda s: s.float().max())
             quantization = input_quantization(checkpoint.quantization, module, scale, engine)
-            quantize_inputs(model.get_submodule(module), quantization, dtype)
+            stored = {
+                n.removeprefix(f"{module}."): checkpoint.read_tensor(checkpoint.names[n])
+                for n in checkpoint.quantized[module]
+            }
+            product = scaled_product(checkpoint.quantization, module, quantization, stored)
+            quantize_inputs(model.get_submodule(module), quantization, dtype, product)
     if checkpoint.inputs_quantized:
         norms = (parts.attn_norm, parts.mlp_norm if parallel else None)
         for norm in filter(None, norms):
             run_in_dtype(model.get_submodule(norm), dtype)
+
+
+def stored_input_scale(checkpoint: Checkpoint, module: str) -> Tensor | None:
+    """A quantized Linear's stored (static) input scale; None for a dynamic or weight-only one."""
+    names = checkpoint.quantized[module]
+    stored = (n for n in names if n.endswith((".input_scale", ".activation_scale")))
+    return next((checkpoint.read_tensor(checkpoint.names[n]) for n in stored), None)
+
+
+def fused_with(checkpoint: Checkpoint, module: str) -> list[str]:
+    """The quantized Linears vLLM fuses with `module` into one (itself included)."""
+    parent, _, part = module.rpartition(".")
+    siblings = [f"{parent}.{p}" for p, fused in FUSED.items() if fused == FUSED.get(part)]
+    return [m for m in checkpoint.quantized if m == module or m in siblings]
 
 
 def run_in_dtype(module: nn.Module, dtype: torch.dtype) -> None:
