@@ -79,9 +79,9 @@ class TableEmbedding(nn.Module):
         # An embedding scale (Gemma's sqrt(D)), applied at run time so that the stored x can also
         # serve the LM head.
         self.scale = scale
-        # Where rows go and in what dtype: the model's, followed through .to() (see _apply).
+        # The dtype rows are converted to: the model's, followed through .to() (see _apply). Rows
+        # go to the device of the ids they are looked up for.
         self.dtype = dtype or (residual.dtype if residual.is_floating_point() else torch.float32)
-        self.device = residual.device
         self.attn_norm: nn.Module | None = None  # layer 0's, kept for adapters (`patch`)
         self.host_blocks: frozenset[str] = frozenset()
         self.files: tuple[MappedFile, ...] = ()  # the files mapped blocks read from
@@ -141,11 +141,13 @@ class TableEmbedding(nn.Module):
             file.check()
 
     def _apply(self, fn: Callable, recurse: bool = True) -> TableEmbedding:
-        # .to(), .half(), .cuda() reach every module through _apply: follow the model's dtype
-        # and device; host-kept blocks stay where they are (with their scales), int8 scales stay
-        # float32 and move.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        self.dtype, self.device = probe.dtype, probe.device
+        # .to(), .half(), .cuda(), .float() reach every module through _apply. The placement rule:
+        # blocks kept on the host (mapped or copied, `host_blocks`) stay where they are, in their
+        # stored dtype, with their scales; the other blocks move and cast as every weight does;
+        # int8 scales move but stay float32. The rows' dtype follows the model's, read off `fn`
+        # on a host probe: the module may have been built on the meta device (from_pretrained),
+        # whose tensors cannot be copied, and keeps no device of its own for that reason.
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
         held = {
             name: p
             for name, p in self._parameters.items()
@@ -155,7 +157,7 @@ class TableEmbedding(nn.Module):
         super()._apply(fn, recurse)
         for name, p in held.items():
             if name not in self.host_blocks:
-                p = nn.Parameter(p.to(self.device), requires_grad=False)
+                p = nn.Parameter(p.to(moved_device(fn, p)), requires_grad=False)
             self._parameters[name] = p
         return self
 
@@ -167,6 +169,11 @@ class TableEmbedding(nn.Module):
     def extra_repr(self) -> str:
         vocab, hidden = self.residual.shape
         return f"{vocab}, {hidden} + {self.qkv.shape[1]} columns, qkv in {self.qkv.dtype}"
+
+
+def moved_device(fn: Callable, tensor: Tensor) -> torch.device:
+    """The device `fn` (what `Module._apply` applies) sends `tensor` to, without copying it."""
+    return fn(torch.empty(0, device=tensor.device)).device
 
 
 class Columns(nn.Module):
