@@ -306,10 +306,9 @@ def precompute(
     sink.write(table_rows(token_local, planned.layout, dtypes, vocab_size, options.progress))
     del token_local
     self_check(weights, planned, sink.read, table_dtype, options, record)
-    model.config.firstlayer = record
     parts, layout = planned.parts, planned.layout
     patch_as_recorded(model, parts, layout, record, sink.blocks, sink.scales, model_dtype)
-    return adopt(model)
+    return adopt(model, record)
 
 
 def convert(

@@ -77,8 +77,10 @@ class PrecomputedForCausalLM:
         older format, files missing or cut short, weights missing or of the wrong shape (which
         it would initialise at random). `table_memory` says where the table lives
         (`table.lookup.TABLE_MEMORY`; default `mapped`)."""
-        folder = Path(pretrained_model_name_or_path)
-        if folder.is_dir():
+        # None with a `config` and a `state_dict`, as for any transformers model: no folder.
+        given = pretrained_model_name_or_path
+        folder = Path(given) if given is not None else None
+        if folder is not None and folder.is_dir():
             require_files(folder)
         memory = parse_table_memory(kwargs.pop("table_memory", "mapped"))
         wants_info = kwargs.pop("output_loading_info", False)
@@ -96,10 +98,27 @@ class PrecomputedForCausalLM:
                 f"{pretrained_model_name_or_path}: the weights do not match the precomputed model "
                 f"its config describes ({found}): convert the source again"
             )
-        if folder.is_dir():
+        if folder is not None and folder.is_dir():
             place_table(model, folder, memory)
         warn_of_quantized_inputs(model.config.firstlayer)
         return (model, info) if wants_info else model
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args: Any, **kwargs: Any):
+        """Refused unless it changes nothing: a new id's row is layer 0's output for its new
+        embedding row, and layer 0's q/k/v weights that would compute it are not in this model."""
+        table = self.get_input_embeddings()
+        size = new_num_tokens if new_num_tokens is not None else table.num_embeddings
+        multiple = kwargs.get("pad_to_multiple_of", args[0] if args else None)
+        if multiple:
+            size = -(-size // multiple) * multiple
+        if size != table.num_embeddings:
+            raise FirstLayerError(
+                f"resize_token_embeddings({new_num_tokens}) on a precomputed model: its table "
+                f"holds layer 0's output for each of its {table.num_embeddings} tokens, and the "
+                "layer-0 weights that would compute rows for new ones were dropped; resize the "
+                "original model's embeddings (and train them), then convert it again"
+            )
+        return table
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """transformers' save_pretrained, then the sizes and checksums of the weight files into
@@ -220,16 +239,29 @@ def register_with_transformers() -> None:
         config_class(model_type)
 
 
-def adopt(model: nn.Module) -> nn.Module:
-    """Turn a model patched in place (`hf.patch.patch`) into its family's precomputed class, so
-    that save_pretrained writes a folder that loads as one."""
-    family = model.config.firstlayer["model_type"]
+def adopt(model: nn.Module, record: dict) -> nn.Module:
+    """Turn a model patched in place (`hf.patch.patch`) into its family's precomputed class, with
+    `record` in a config of its own, so that save_pretrained writes a folder that loads as one.
+    The caller's config object is left as it was: it may build other models (a classifier, the
+    original again) that must not come out precomputed."""
+    family = record["model_type"]
+    own_config(model)
+    model.config.firstlayer = record
     model.config.__class__ = config_class(family)
     model.__class__ = model_class(family)
     tie_lm_head_to_table(model)
     model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
     watch_source_weights(model)
     return model
+
+
+def own_config(model: nn.Module) -> None:
+    """Give the model (and each of its modules that shared it) a copy of its config object."""
+    shared = model.config
+    config = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = config
 
 
 def watch_source_weights(model: nn.Module) -> None:
