@@ -140,6 +140,26 @@ def test_import_firstlayer_is_all_plain_transformers_needs(folders, tmp_path):
         check(Path(f"{folder}-resaved"))  # save_pretrained recorded its files' checksums
 
 
+def test_peft_imported_after_loading_still_knows_the_precomputed_layer_0(folders):
+    """from_pretrained asks whether peft is installed (a spec look-up, no import) before the
+    user imports it: the import that follows still registers firstlayer with PEFT, so an adapter
+    on layer 0's q_proj applies exactly instead of failing on an unknown module."""
+    result = run_python(
+        f"""
+        import torch
+        import firstlayer
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folders["llama"])!r})
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+        model = get_peft_model(model, config)
+        print(type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "ColumnsLora"
+
+
 @pytest.mark.slow
 def test_pipeline_on_the_converted_smollm2(smollm2, smollm2_converted):
     model, tokenizer = smollm2

@@ -70,8 +70,14 @@ class _RegisterWhenLibraryLoads(importlib.abc.MetaPathFinder, importlib.abc.Load
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != self.library:
             return None
+        # Out of the way while the finders after this one look, and back in place after: a
+        # look-up alone (transformers' `is_peft_available` asks for peft's spec) imports nothing,
+        # and the import that follows must still come through here.
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)  # by the finders after this one
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None:
             return spec
         self.loader = spec.loader
@@ -83,6 +89,8 @@ class _RegisterWhenLibraryLoads(importlib.abc.MetaPathFinder, importlib.abc.Load
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
         _register_with(self.library)
 
 
