@@ -5,10 +5,11 @@ A quantized checkpoint stores each quantized Linear as packed integers or FP8 va
 scales (and zero points): compressed-tensors (int-, float-, pack-quantized), fine-grained FP8
 (`quant_method: fp8`, block scales), GPTQ and AWQ (GEMM) int4. Conversion dequantizes layer 0's
 eliminated Linears, in float32, to build the table (every product below is an integer or an e4m3
-value times a float16/bfloat16/float32 scale: exact in float32), and copies every other tensor as
-it is stored. The converted config keeps its `quantization_config`, with layer 0's eliminated
-Linears marked unquantized in the method's own words, so that transformers and vLLM build them as
-plain modules for the table to replace.
+value times its scale: exact in float32 for a float16 or bfloat16 scale, rounded in the last bit
+for a float32 one, fine-grained FP8's), and copies every other tensor as it is stored. The
+converted config keeps its `quantization_config`, with layer 0's eliminated Linears marked
+unquantized in the method's own words, so that transformers and vLLM build them as plain modules
+for the table to replace.
 
 Each format's layout, checked to the bit against the library that reads it: compressed-tensors
 `W = (q - zero) * scale` (pack-quantized: signed codes + 2^(b-1), packed along `in`, zero points
