@@ -243,3 +243,19 @@ def test_quantized_by_mlx_convert(bits, mlx_folders, tmp_path):
     assert {type(table.residual).__name__, type(table.qkv).__name__} == {"QuantizedEmbedding"}
     assert table.qkv.bits == bits
     assert mlx_lm.generate(model, tokenizer, "w5 w17", max_tokens=4)
+
+
+def test_bench_engine_mlx_times_both_folders(tmp_path, capsys):
+    from firstlayer.cli import main
+
+    config = next(f for f in FAMILIES if f.id == "llama").config().to_dict()
+    source = tmp_path / "tiny-llama.json"
+    source.write_text(json.dumps(config))
+    argv = ["bench", str(source), "--engine", "mlx", "--batch", "1", "--new-tokens", "4"]
+    assert main([*argv, "--prompt-tokens", "4", "--repeats", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"].startswith(f"mlx-lm {mlx_lm.__version__}")
+    (row,) = result["results"]
+    assert row["decode_ceiling"] > 1 and row["decode_ms"]["ratio"]["median"] > 0
+    assert row["decode_ms"]["original"]["low"] <= row["decode_ms"]["original"]["high"]
+    assert result["repeats"] == 2

@@ -469,10 +469,11 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--engine",
-        choices=("transformers", "vllm"),
+        choices=("transformers", "vllm", "mlx"),
         default="transformers",
-        help="time a transformers loop (default), or vLLM serving both folders (needs "
-        "firstlayer[vllm]; batches 1 and 16 unless --batch is given)",
+        help="time a transformers loop (default), vLLM serving both folders (needs "
+        "firstlayer[vllm]), or mlx-lm running them (needs firstlayer[mlx]); batches 1 and 16 "
+        "unless --batch is given",
     )
     parser.add_argument(
         "--tables",
@@ -498,9 +499,13 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = dtype_arg(args.dtype) or torch.float32
     loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    if args.engine == "vllm":
+    if args.engine in ("vllm", "mlx"):
         if args.tables:
-            raise FirstLayerError("--tables times the transformers loop: leave out --engine vllm")
+            raise FirstLayerError(
+                f"--tables times the transformers loop: leave out --engine {args.engine}"
+            )
+        if args.engine == "mlx":
+            return run_bench_mlx(args, loaded)
         return run_bench_vllm(args, loaded, compile)
     args.batch = args.batch or [1, 4, 16]
     if args.tables:
@@ -522,6 +527,33 @@ def run_bench(args: argparse.Namespace) -> int:
         plot_bench(result, args.plot)
         print(f"firstlayer: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def run_bench_mlx(args: argparse.Namespace, loaded: Any) -> int:
+    import json
+
+    from firstlayer.render.text import format_engine_bench
+
+    try:
+        from firstlayer.mlx.bench import bench_mlx
+    except ModuleNotFoundError as error:
+        raise FirstLayerError(
+            f"--engine mlx needs mlx-lm ({error}): pip install 'firstlayer[mlx]'"
+        ) from None
+    if args.plot:
+        raise FirstLayerError("--plot draws the transformers bench only; leave it out")
+    with progress_bar("bench") as update:
+        result = bench_mlx(
+            loaded.model,
+            name=loaded.source.name,
+            batches=args.batch or [1, 16],
+            new_tokens=args.new_tokens,
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            progress=lambda label, done, total: update(done, total, label),
+        )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_engine_bench(result))
     return 0
 
 

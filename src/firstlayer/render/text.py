@@ -515,18 +515,21 @@ def _share(value: float) -> str:
 
 
 def format_engine_bench(result) -> str:
-    """vLLM's decode speed-up per batch next to its ceiling, and both engines' tokens/s."""
+    """An engine's decode speed-up per batch next to its ceiling, and its and the transformers
+    loop's tokens/s."""
+    engine_name = result.engine.split()[0]
     head = (
         f"{result.model} in {result.engine}, {result.dtype}, "
         f"{'compiled' if result.compiled else 'eager'}; prompt {result.prompt_tokens} tokens, "
         f"{result.new_tokens} new tokens, {result.repeats} alternating pairs after a warm-up; "
-        "decode step from vLLM's per-request token timestamps; times: medians [min-max]; "
+        f"decode step from {result.timing}; times: medians [min-max]; "
         "speed-up: median of the per-pair ratios [its 95% interval]"
     )
     header = (
         f"{'batch':>5}  {'decode ms/step: original':>26}  {'precomputed':>21}  "
         f"{'speedup [interval]':>25}  {'ceiling':>7}  {'captured':>8}  "
-        f"{'vLLM tok/s orig':>15}  {'pre':>7}  {'transformers tok/s orig':>23}  {'pre':>7}"
+        f"{engine_name + ' tok/s orig':>15}  {'pre':>7}  "
+        f"{'transformers tok/s orig':>23}  {'pre':>7}"
     )
     rows = [header]
     for r in result.results:

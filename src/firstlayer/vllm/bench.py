@@ -67,6 +67,7 @@ class EngineBenchResult:
     new_tokens: int
     repeats: int
     results: tuple[EngineBatch, ...]
+    timing: str = "vLLM's per-request token timestamps"  # what a decode step is read from
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
