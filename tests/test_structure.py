@@ -85,7 +85,7 @@ LAYERS = (
     ("firstlayer.hf",),
     ("firstlayer.conversion",),
     ("firstlayer.tools", "firstlayer.render"),
-    ("firstlayer.vllm", "firstlayer.mlx"),
+    ("firstlayer.vllm", "firstlayer.mlx", "firstlayer.llamacpp"),
     ("firstlayer.cli",),
 )
 
@@ -111,8 +111,9 @@ def test_a_model_type_is_named_in_at_most_two_source_files():
     sources = {name: path.read_text() for name, path in MODULES.items() if name not in SHIMS}
     named_in = {}
     for model_type in SUPPORTED_TYPES:
-        # llama.cpp, the GGUF tool, is not the model type.
-        word = re.compile(rf"(?<![\w-]){re.escape(model_type)}(?![\w]|\.cpp)")
+        # llama.cpp, the GGUF tool (its llama-server, its Python package llama-cpp-python, and
+        # `make llama-cpp`), is not the model type.
+        word = re.compile(rf"(?<![\w-]){re.escape(model_type)}(?![\w]|\.cpp|-cpp|-server)")
         named_in[model_type] = sorted(n for n, text in sources.items() if word.search(text))
     too_many = {t: files for t, files in named_in.items() if len(files) > 2}
     assert not too_many, too_many

@@ -192,12 +192,19 @@ def run_analyze(args: argparse.Namespace) -> int:
 SOURCE_HELP = "a model folder (safetensors), a .gguf file, or `default` (SmolLM2-135M-Instruct)"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 TABLE_DTYPE_CHOICES = (*DTYPE_CHOICES, "int8")
+# llama.cpp's names for a table in a .gguf OUT (float32 and the others name the same types there).
+GGUF_TABLE_CHOICES = ("F32", "F16", "BF16", "Q8_0")
 
 
 def add_convert(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("convert", help="write the precomputed twin of a model")
     parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
-    parser.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="the folder to write (must not exist), or a .gguf file for llama.cpp (patched: "
+        "llama.cpp/README.md)",
+    )
     parser.add_argument(
         "--dtype",
         help=f"stored dtype: {', '.join(DTYPE_CHOICES)} "
@@ -205,9 +212,10 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--table-dtype",
-        choices=TABLE_DTYPE_CHOICES,
+        choices=(*TABLE_DTYPE_CHOICES, *GGUF_TABLE_CHOICES),
         help="the table's stored dtype, independent of --dtype (default: --dtype); int8 keeps "
-        "a scale per row and projection; a serial model's x columns keep --dtype",
+        "a scale per row and projection; a serial model's x columns keep --dtype. A .gguf OUT: "
+        f"{', '.join(GGUF_TABLE_CHOICES)} (default: the embedding's type, else F16)",
     )
     parser.add_argument(
         "--accept-error",
@@ -242,6 +250,8 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.out.endswith(".gguf"):
+        return run_convert_gguf(args)
     from firstlayer.conversion import convert_source
 
     checks = []
@@ -261,6 +271,21 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out} ({how}): {folder_line(out)}")
     print(f"self-check: {checks[0].describe()}")
+    return 0
+
+
+def run_convert_gguf(args: argparse.Namespace) -> int:
+    from firstlayer.llamacpp.export import convert_to_gguf
+
+    unused = {"--dtype": args.dtype, "--adapter": args.adapter, "--accept-error": args.accept_error}
+    given = [option for option, value in unused.items() if value]
+    if given:
+        raise FirstLayerError(
+            f"{', '.join(given)}: not for a .gguf OUT, which keeps the source's weights as stored"
+        )
+    with progress_bar("table rows") as update:
+        result = convert_to_gguf(args.source, args.out, args.table_dtype, args.force, update)
+    print(f"wrote {result.out}: {result.describe()}")
     return 0
 
 
