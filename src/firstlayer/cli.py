@@ -240,6 +240,13 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         "vllm; transformers: compressed-tensors' simulation, FP8 dequantized as on a CPU)",
     )
     parser.add_argument(
+        "--keep-layer0",
+        action="store_true",
+        help="keep layer 0's q/k/v weights beside the table (a serial model), so that the "
+        "model takes inputs_embeds too (soft prompts, prompt tuning): positions fed by an "
+        "embedding run them, token positions read the table; prints what they cost",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default="5GB",
         metavar="SIZE",
@@ -268,6 +275,7 @@ def run_convert(args: argparse.Namespace) -> int:
             on_check=checks.append,
             adapters=args.adapter,
             quantized_for=args.quantized_for,
+            keep_layer0=args.keep_layer0,
         )
     print(f"wrote {out} ({how}): {folder_line(out)}")
     print(f"self-check: {checks[0].describe()}")
@@ -277,7 +285,12 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_convert_gguf(args: argparse.Namespace) -> int:
     from firstlayer.llamacpp.export import convert_to_gguf
 
-    unused = {"--dtype": args.dtype, "--adapter": args.adapter, "--accept-error": args.accept_error}
+    unused = {
+        "--dtype": args.dtype,
+        "--adapter": args.adapter,
+        "--accept-error": args.accept_error,
+        "--keep-layer0": args.keep_layer0,
+    }
     given = [option for option, value in unused.items() if value]
     if given:
         raise FirstLayerError(

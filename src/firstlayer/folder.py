@@ -136,6 +136,12 @@ def keeps_attn_norm(record: dict) -> bool:
     return record.get("adapter_input") == "attn_norm"
 
 
+def kept_layer0(record: dict) -> tuple[str, ...]:
+    """The layer-0 projections a folder keeps with their weights, under the original's names, for
+    positions fed by an embedding (converted with `keep_layer0`); () where it keeps none."""
+    return tuple(record.get("kept_layer0", {}).get("modules", ()))
+
+
 # --- writing --------------------------------------------------------------------------------
 
 

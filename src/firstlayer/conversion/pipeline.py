@@ -55,6 +55,7 @@ from firstlayer.folder import (
     file_sha256,
     is_precomputed_folder,
     keeps_attn_norm,
+    kept_layer0,
     publish,
     read_record,
     table_record,
@@ -102,6 +103,9 @@ class ConvertOptions:
     adapters: tuple[Path, ...] = ()  # PEFT adapter folders, merged into the source first
     # A quantized checkpoint whose scheme quantizes inputs: the engine layer 0's rows follow.
     quantized_for: str = "vllm"
+    # Layer 0's q/k/v weights (and attention norm) kept beside the table, under the original's
+    # names: positions fed by an embedding (inputs_embeds) then run them (`hf.patch.KeptLayer0`).
+    keep_layer0: bool = False
 
     @classmethod
     def of(cls, options: ConvertOptions | None = None, **settings: Any) -> ConvertOptions:
@@ -273,7 +277,40 @@ def build_table(
         table_dtype,
         dtypes["residual"],
     )
+    if options.keep_layer0:
+        record["kept_layer0"] = kept_layer0_record(model, planned, dtype)
     return token_local, dtypes, table_dtype, record
+
+
+def kept_layer0_record(model: nn.Module, planned: Plan, dtype: torch.dtype) -> dict:
+    """What a folder converted with `keep_layer0` keeps for embedding inputs, and what it costs:
+    layer 0's q/k/v projections, whole, stored in `dtype` (its attention norm, which the table
+    module keeps in every serial folder, costs nothing more)."""
+    parts, layout = planned.parts, planned.layout
+    why = None
+    if layout.is_parallel:
+        why = (
+            "its layer 0 is a parallel block, whose MLP reads x too and is in the table's rows; "
+            "only serial blocks keep layer 0 for embedding inputs"
+        )
+    elif parts.head_norms:
+        why = "its table holds q and k after their norms"
+    elif getattr(model.config, "quantization_config", None):
+        why = "it is quantized, and its layer-0 projections would be kept quantized"
+    modules = [model.get_submodule(name) for name in parts.projections]
+    if why is None and not all(type(m) is nn.Linear for m in modules):
+        why = "its layer-0 projections are not plain Linear modules"
+    if why is not None:
+        raise FirstLayerError(
+            f"keep_layer0 (--keep-layer0) on a {planned.model_type} model: {why}; convert it "
+            "without the option (it then takes token ids only)"
+        )
+    count = sum(p.numel() for m in modules for p in m.parameters())
+    return {
+        "modules": list(parts.projections),
+        "parameters": count,
+        "bytes": count * dtype.itemsize,
+    }
 
 
 # --- the entry points -----------------------------------------------------------------------
@@ -284,6 +321,7 @@ def precompute(
     dtype: torch.dtype | str | None = None,
     progress: Progress | None = None,
     options: ConvertOptions | None = None,
+    **settings: Any,
 ) -> nn.Module:
     """Replace a loaded causal LM's input embedding with the precomputed table, in place, and
     make it its family's precomputed class: `save_pretrained` then writes a folder that
@@ -293,9 +331,10 @@ def precompute(
     and stored in `dtype` (default: the embedding's dtype; int8 keeps per-row scales), but for a
     serial row's first D columns, the embedding itself, which stay in the model's dtype. Layer
     0's q/k/v weights and its attention norm (for parallel blocks also its MLP and MLP norm) are
-    dropped. `progress(done_rows, total_rows)` is called after each chunk.
+    dropped, unless `keep_layer0` (a setting, as for `convert`) keeps the q/k/v for embedding
+    inputs. `progress(done_rows, total_rows)` is called after each chunk.
     """
-    options = ConvertOptions.of(options, table_dtype=dtype, progress=progress)
+    options = ConvertOptions.of(options, table_dtype=dtype, progress=progress, **settings)
     planned = plan_for(model)
     weights = loaded_weights(model)
     model_dtype = weights.embedding_weight.dtype
@@ -353,7 +392,11 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     if options.adapters:
         record["adapters"] = adapters_record(options.adapters)
     dropped = {f"{parts.lm_head}.weight"} if planned.lm_head_reads_table else set()
-    eliminated = (parts.embedding, *parts.eliminated(layout.is_parallel))
+    kept_modules = kept_layer0(record)  # stay under the original's names
+    eliminated = (
+        parts.embedding,
+        *(m for m in parts.eliminated(layout.is_parallel) if m not in kept_modules),
+    )
     kept = weights.as_stored(as_saved(model, kept_weights(model, eliminated, dropped)))
     # A serial model's attention norm moves into the table module (`hf.patch.AdapterInput`).
     kept_norm = {}

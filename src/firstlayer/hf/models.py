@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import SUPPORTED_TYPES, family_config
-from firstlayer.folder import mapped_table, record_weight_files, require_files
+from firstlayer.folder import kept_layer0, mapped_table, record_weight_files, require_files
 from firstlayer.hf.patch import TableEmbedding, parts_of, patch_as_recorded
 from firstlayer.table.build import TokenLocal, table_chunks
 from firstlayer.table.codec import empty_blocks, encode_rows
@@ -287,7 +287,14 @@ class SourceWeights:
             for name in original.get_submodule(module).state_dict()
         }
         arrived = {k.removeprefix(prefix) for k in state_dict if k.startswith(prefix)} & needed
-        if not arrived:
+        # Layer 0's kept q/k/v (`keep_layer0`) are the model's own weights as well: they load as
+        # any weight does, and compute the table again only with the others.
+        kept = {
+            f"{m}.{name}"
+            for m in kept_layer0(model.config.firstlayer)
+            for name in ("weight", "bias")
+        }
+        if not arrived - kept:
             return
         missing = sorted(needed - arrived)
         if missing:
@@ -297,7 +304,10 @@ class SourceWeights:
                 "are computed from all of them together, so a precomputed model takes them all "
                 "at once or none (load the whole state dict, or convert the updated model)"
             )
-        tensors = {name: state_dict.pop(prefix + name) for name in needed}
+        tensors = {
+            name: state_dict[prefix + name] if name in kept else state_dict.pop(prefix + name)
+            for name in needed
+        }
         compute_table_again(model, original, parts, tensors)
         # The table's own tensors, as now computed, for the load (strict ones ask for them).
         table = model.get_input_embeddings()

@@ -11,23 +11,28 @@ becomes a slice of them. RoPE, KV caches, masks, sliding windows and sandwich no
 family's, so generate() works as before. For a parallel block the MLP returns zeros, its work
 being already in R[t]. Nothing that belongs to one call is kept on a module, so concurrent calls
 (threads, asyncio tasks run in threads) cannot exchange rows, and torch.compile traces it all.
+
+A folder converted with layer 0 kept (`keep_layer0`) also takes inputs_embeds: positions fed by
+an embedding rather than a token id get the rows layer 0 computes from them, with its own norm
+and q/k/v weights (`KeptLayer0`); token positions still read the table.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import Parts, family_config, family_of, is_parallel
-from firstlayer.folder import head_norms_in_table
+from firstlayer.folder import head_norms_in_table, kept_layer0
 from firstlayer.safetensors_io import MappedFile
 from firstlayer.table.build import scale_in
 from firstlayer.table.codec import column_segments
@@ -180,14 +185,31 @@ class Columns(nn.Module):
     """Replaces a q/k/v projection: its precomputed output is a slice of the row's qkv block.
 
     `adapter` is the model's `AdapterInput`: an adapter's layer-0 part (`hf.peft.ColumnsLora`)
-    reads norm(x) from it. The zero-size `weight` only tells PEFT and accelerate the module's
-    device and dtype."""
+    reads norm(x) from it. Without `kept` the zero-size `weight` only tells PEFT and accelerate
+    the module's device and dtype; with it (a folder converted with layer 0 kept) `weight` and
+    `bias` are the projection's own, under the original's names, which positions fed by an
+    embedding run (`KeptLayer0`)."""
 
-    def __init__(self, start: int, stop: int, adapter: AdapterInput | None = None, dtype=None):
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        adapter: AdapterInput | None = None,
+        dtype=None,
+        kept: nn.Linear | None = None,
+    ):
         super().__init__()
         self.start, self.stop = start, stop
         self.adapter = adapter
-        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+        if kept is None:
+            self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+            self.bias = None
+        else:
+            self.weight, self.bias = kept.weight, kept.bias
+
+    def project(self, normed: Tensor) -> Tensor:
+        """The kept projection itself, on norm(x)."""
+        return nn.functional.linear(normed, self.weight, self.bias)
 
     @property
     def in_features(self) -> int:
@@ -242,6 +264,41 @@ class AdapterInput:
         return self(x)
 
 
+class KeptLayer0:
+    """Layer 0's kept attention norm and q/k/v, for positions fed by an embedding (soft prompts,
+    image features) rather than a token id: their rows are what layer 0 computes from their
+    input x, cat(P(norm(x)) for P in the table's column order), norm(x) as `AdapterInput` makes
+    it for adapters. Token positions keep reading the table."""
+
+    def __init__(self, adapter: AdapterInput, columns: list[Columns]):
+        self.adapter = adapter
+        self.columns = columns
+
+    def __call__(self, x: Tensor) -> Tensor:
+        normed = self.adapter(x)
+        return torch.cat([column.project(normed) for column in self.columns], dim=-1)
+
+    def fill(self, call: CallRows, x: Tensor) -> Tensor:
+        """The call's rows, those of embedding positions computed from x (layer 0's input)."""
+        if call.rows is None:  # no ids: every position is fed by an embedding
+            return self(x)
+        # One look at the mask (a device sync on an accelerator) spares a step whose every
+        # position is a token, a decode step, all of layer 0's projections.
+        if not bool(call.embedded.any()):
+            return call.rows
+        rows = call.rows.clone()
+        rows[call.embedded] = self(x[call.embedded]).to(rows.dtype)
+        return rows
+
+
+class CallRows(NamedTuple):
+    """A call's rows where some positions are fed by an embedding: the table's rows (None where
+    the call has no ids) and which positions (B, T) take layer 0's kept weights instead."""
+
+    rows: Tensor | None
+    embedded: Tensor | None
+
+
 class Zeros(nn.Module):
     """Replaces a parallel block's MLP, whose output is already inside the row's first D columns."""
 
@@ -254,14 +311,26 @@ class Zeros(nn.Module):
         return hidden_states.new_zeros(*hidden_states.shape[:-1], self.hidden_size)
 
 
-def refuse_embeddings_input(kwargs: dict[str, Any]) -> None:
-    for name in ("inputs_embeds", "token_type_ids"):
-        if kwargs.get(name) is not None:
-            raise FirstLayerError(
-                f"a precomputed model takes token ids only, not {name}: its table replaces the "
-                "input embedding, so soft prompts or merged multimodal embeddings cannot pass "
-                "through layer 0; run the original model for those"
-            )
+# What the refusal of inputs_embeds names as its fix.
+KEEP_LAYER0_FIX = (
+    "convert the source with layer 0 kept (`firstlayer convert --keep-layer0`, or "
+    "keep_layer0=True), whose positions fed by an embedding run layer 0's own weights"
+)
+
+
+def refuse_embeddings_input(kwargs: dict[str, Any], kept: bool = False) -> None:
+    """Refuse token_type_ids, and inputs_embeds unless layer 0's weights were kept."""
+    if kwargs.get("token_type_ids") is not None:
+        raise FirstLayerError(
+            "a precomputed model takes no token_type_ids: its table holds layer 0's output for "
+            "the token embedding alone; run the original model for those"
+        )
+    if kwargs.get("inputs_embeds") is not None and not kept:
+        raise FirstLayerError(
+            "a precomputed model takes token ids only, not inputs_embeds: its table replaces the "
+            "input embedding and layer 0's q/k/v weights, so soft prompts or merged multimodal "
+            f"embeddings cannot pass through layer 0; {KEEP_LAYER0_FIX}"
+        )
 
 
 class RowsFromTable:
@@ -269,19 +338,24 @@ class RowsFromTable:
     with the call, as a keyword argument or (where transformers does not thread kwargs that far)
     in the call's context."""
 
-    def __init__(self, table: TableEmbedding, through_kwargs: bool):
+    def __init__(self, table: TableEmbedding, through_kwargs: bool, kept: bool = False):
         self.table = table
         self.through_kwargs = through_kwargs
+        self.kept = kept  # layer 0's weights are kept: inputs_embeds run them
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        refuse_embeddings_input(kwargs)
+        refuse_embeddings_input(kwargs, self.kept)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
+        rows: Tensor | CallRows
+        if kwargs.get("inputs_embeds") is not None and input_ids is None:
+            rows = CallRows(None, None)  # every position runs layer 0's kept weights
+        elif input_ids is None:
             return args, kwargs  # the family's own forward says what is missing
-        if not torch.compiler.is_compiling():
-            refuse_ids_outside_table(input_ids, self.table.num_embeddings)
-            self.table.check_files()
-        rows = self.table.rows(input_ids)  # (B, T, W - D)
+        else:
+            if not torch.compiler.is_compiling():
+                refuse_ids_outside_table(input_ids, self.table.num_embeddings)
+                self.table.check_files()
+            rows = self.table.rows(input_ids)  # (B, T, W - D)
         if self.through_kwargs:
             return args, {**kwargs, ROWS_KWARG: rows}
         _CALL_ROWS.set(rows)
@@ -299,8 +373,9 @@ class RowsIntoAttention:
     attention norm is an Identity, so the input is x); while an adapter asks for it, norm(x)
     follows the rows."""
 
-    def __init__(self, adapter: AdapterInput):
+    def __init__(self, adapter: AdapterInput, kept: KeptLayer0 | None = None):
         self.adapter = adapter
+        self.kept = kept
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
         rows = kwargs.pop(ROWS_KWARG, None)
@@ -312,6 +387,8 @@ class RowsIntoAttention:
                 "base model) with input_ids, not one of its layers"
             )
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if isinstance(rows, CallRows):  # the attention norm is an Identity: this is x
+            rows = self.kept.fill(rows, hidden_states)
         assert rows.shape[:-1] == hidden_states.shape[:-1], (rows.shape, hidden_states.shape)
         if self.adapter.requested:  # [q k v | norm(x)]: (B, T, W - D + D)
             rows = torch.cat([rows, self.adapter(hidden_states).to(rows.dtype)], dim=-1)
@@ -375,6 +452,7 @@ def patch(
     dtype: torch.dtype | None = None,
     keep_attn_norm: bool = False,
     adapter_input: str | None = None,
+    keep_layer0: bool = False,
 ) -> nn.Module:
     """Swap layer 0's token-local modules for the table, in place; returns the model.
 
@@ -383,7 +461,9 @@ def patch(
     scales: the per-row scales of int8 blocks; dtype: the model's (default: the residual's).
     keep_attn_norm: the table module keeps layer 0's attention norm (`attn_norm`), which only an
     adapter's layer-0 part runs; adapter_input: "x" for a serial layer 0 without an attention norm
-    (see `AdapterInput`; None where a folder records neither).
+    (see `AdapterInput`; None where a folder records neither). keep_layer0: the q/k/v
+    projections keep their weights (`Columns`), which positions fed by an embedding run
+    (`KeptLayer0`); a serial layer 0 only.
     """
     assert residual.shape[1] == layout.hidden_size, (residual.shape, layout.hidden_size)
     assert qkv.shape[1] == layout.qkv_width, (qkv.shape, layout.qkv_width)
@@ -396,9 +476,16 @@ def patch(
     # The attention norm's work is in the rows, which replace its output on the way in.
     if parts.attn_norm is not None:
         model.set_submodule(parts.attn_norm, nn.Identity())
+    columns = []
     for column in layout.columns:
         start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
-        model.set_submodule(column.module, Columns(start, stop, adapter, table.dtype))
+        own = model.get_submodule(column.module) if keep_layer0 else None
+        columns.append(Columns(start, stop, adapter, table.dtype, own))
+        model.set_submodule(column.module, columns[-1])
+    kept = None
+    if keep_layer0:
+        assert not layout.is_parallel and kind is not None and not parts.head_norms, parts
+        kept = KeptLayer0(adapter, columns)
     for name in parts.head_norms.values():
         model.set_submodule(name, nn.Identity())
     if layout.is_parallel:
@@ -410,13 +497,15 @@ def patch(
         model.get_submodule(parts.lm_head).weight = table.residual
     base_model = model.get_submodule(parts.base_model)
     through_kwargs = threads_kwargs_to_attention(model, parts)
-    base_model.register_forward_pre_hook(RowsFromTable(table, through_kwargs), with_kwargs=True)
+    rows_from_table = RowsFromTable(table, through_kwargs, keep_layer0)
+    base_model.register_forward_pre_hook(rows_from_table, with_kwargs=True)
     if not through_kwargs:
         base_model.register_forward_hook(forget_call_rows, with_kwargs=True, always_call=True)
     attention = model.get_submodule(parts.attention)
-    attention.register_forward_pre_hook(RowsIntoAttention(adapter), with_kwargs=True)
+    attention.register_forward_pre_hook(RowsIntoAttention(adapter, kept), with_kwargs=True)
     # Refused at the top as well: the base model may never see inputs_embeds (a merge upstream).
-    model.register_forward_pre_hook(refuse_embeddings_at_top, with_kwargs=True)
+    refuse_at_top = functools.partial(refuse_embeddings_at_top, kept=keep_layer0)
+    model.register_forward_pre_hook(refuse_at_top, with_kwargs=True)
     return model
 
 
@@ -443,11 +532,14 @@ def patch_as_recorded(
         dtype,
         keep_attn_norm=adapter_input == "attn_norm",
         adapter_input=adapter_input,
+        keep_layer0=bool(kept_layer0(record)),
     )
 
 
-def refuse_embeddings_at_top(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-    refuse_embeddings_input(kwargs)
+def refuse_embeddings_at_top(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], kept: bool = False
+) -> None:
+    refuse_embeddings_input(kwargs, kept)
 
 
 def threads_kwargs_to_attention(model: nn.Module, parts: Parts) -> bool:

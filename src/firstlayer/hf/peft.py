@@ -17,7 +17,9 @@ does with transformers, firstlayer/__init__):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -155,7 +157,7 @@ def columns_lora_class() -> type:
 
 def register_with_peft() -> None:
     """Every LoraConfig knows `Columns`; adapter injection refuses what is not exact. Idempotent."""
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
     if getattr(LoraConfig, "firstlayer_registered", False):
@@ -175,6 +177,31 @@ def register_with_peft() -> None:
             refuse_what_is_not_exact(model, self.peft_config[adapter_name], adapter_name)
         return inject(self, model, adapter_name, *args, **kwargs)
 
+    setup = PeftModel._setup_prompt_encoder
+
+    @functools.wraps(setup)
+    def _setup_prompt_encoder(self: Any, adapter_name: str) -> None:
+        model = self.base_model
+        if not is_precomputed(model):
+            return setup(self, adapter_name)
+        with word_embeddings_named(model):
+            return setup(self, adapter_name)
+
     LoraConfig.__post_init__ = __post_init__
     BaseTuner.inject_adapter = inject_adapter
+    PeftModel._setup_prompt_encoder = _setup_prompt_encoder
     LoraConfig.firstlayer_registered = True
+
+
+@contextlib.contextmanager
+def word_embeddings_named(model: nn.Module) -> Iterator[None]:
+    """While PEFT sets up a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning):
+    the table module under the one name PEFT looks up before guessing the word embeddings from
+    the first vocabulary-sized `.weight` (which the table's `residual` is not). Its soft prompts
+    then reach the model as inputs_embeds, which a folder converted with layer 0 kept takes."""
+    model.embeddings = nn.Module()
+    model.embeddings.word_embeddings = model.get_input_embeddings()
+    try:
+        yield
+    finally:
+        del model.embeddings

@@ -372,10 +372,18 @@ def families_text() -> str:
 def describe_folder(record: dict) -> str:
     """A converted folder's record in one line."""
     table = record["table"]
-    return (
+    kept = record.get("kept_layer0")
+    eliminated = len(record["eliminated"]) - len(kept["modules"] if kept else ())
+    line = (
         f"{record['model_type']} ({record['architecture']}), table {table['width']:,} columns "
-        f"in {table['dtype']}, {len(record['eliminated'])} layer-0 modules eliminated"
+        f"in {table['dtype']}, {eliminated} layer-0 modules eliminated"
     )
+    if kept:
+        line += (
+            f", layer 0's q/k/v kept for embedding inputs ({kept['parameters']:,} parameters, "
+            f"{kept['bytes'] / 1e6:.2f} MB)"
+        )
+    return line
 
 
 def format_verify(
