@@ -3,6 +3,7 @@ seeded float32 weights of a Llama or a GPT-NeoX graph; and a file's dequantised 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,6 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader,
 
 from firstlayer.llamacpp.export import copy_metadata
 from firstlayer.llamacpp.layer0 import dequantized
-
-D, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 2, 4, 2, 16, 128
-
 
 # A byte-level BPE vocabulary of one merge: GPT-2's 256 byte tokens, then bos, eos, "ab" and
 # unused control tokens (gguf-py reads SmolLM2's 49k tokens for seconds; these, at once).
@@ -35,79 +33,100 @@ def byte_tokens() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def add_tokenizer(writer: GGUFWriter) -> None:
+@dataclass(frozen=True)
+class Shape:
+    """A model's dimensions; the defaults are the tests' tiny model."""
+
+    d: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2  # GPT-NeoX: every head its own
+    ffn: int = 128
+    vocab: int = VOCAB
+    context: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.d // self.heads
+
+
+def add_tokenizer(writer: GGUFWriter, vocab: int) -> None:
     # llama.cpp wants at least one merge: "a b", whose result is the token after eos
     tokens = byte_tokens() + ["<bos>", "<eos>", "ab"]
-    tokens += [f"<unused{i}>" for i in range(VOCAB - len(tokens))]
+    tokens += [f"<unused{i}>" for i in range(vocab - len(tokens))]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([1] * 256 + [CONTROL] * 2 + [1] + [CONTROL] * (VOCAB - 259))
+    writer.add_token_types([1] * 256 + [CONTROL] * 2 + [1] + [CONTROL] * (vocab - 259))
     writer.add_token_merges(["a b"])
     writer.add_bos_token_id(BOS)
     writer.add_eos_token_id(EOS)
     writer.add_add_bos_token(False)
 
 
-def write_tiny(path: Path, arch: MODEL_ARCH, seed: int = 0) -> Path:
-    """A 2-layer model of VOCAB tokens; norms and biases perturbed so none is a no-op.
-    Llama: GQA, tied head (no output.weight), q/k/v biases. GPT-NeoX: parallel residual, partial
-    rotary, LayerNorms with biases."""
+def write_tiny(
+    path: Path, arch: MODEL_ARCH, shape: Shape = Shape(), seed: int = 0, dtype: type = np.float32
+) -> Path:
+    """A random model of `shape`; norms and biases perturbed so none is a no-op; matrices in
+    `dtype` (float32 or float16), norms and biases in float32. Llama: GQA, tied head (no
+    output.weight), q/k/v biases. GPT-NeoX: parallel residual, rotary on a quarter of each head,
+    LayerNorms with biases."""
     rng = np.random.default_rng(seed)
     name = MODEL_ARCH_NAMES[arch]
-    vocab = VOCAB
+    d, ffn, vocab, head_dim = shape.d, shape.ffn, shape.vocab, shape.head_dim
 
-    def randn(*shape: int, scale: float = 0.1) -> np.ndarray:
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
+    def randn(*dims: int, scale: float = 0.1) -> np.ndarray:
+        values = (scale * rng.standard_normal(dims, dtype=np.float32)).astype(np.float32)
+        return values.astype(dtype) if len(dims) > 1 else values
 
     def norm() -> np.ndarray:
-        return 1 + randn(D)
+        return 1 + randn(d)
 
     writer = GGUFWriter(path, name)
-    add_tokenizer(writer)
-    writer.add_uint32(f"{name}.context_length", 256)
-    writer.add_uint32(f"{name}.embedding_length", D)
-    writer.add_uint32(f"{name}.block_count", LAYERS)
-    writer.add_uint32(f"{name}.feed_forward_length", FFN)
-    writer.add_uint32(f"{name}.attention.head_count", HEADS)
+    add_tokenizer(writer, vocab)
+    writer.add_uint32(f"{name}.context_length", shape.context)
+    writer.add_uint32(f"{name}.embedding_length", d)
+    writer.add_uint32(f"{name}.block_count", shape.layers)
+    writer.add_uint32(f"{name}.feed_forward_length", ffn)
+    writer.add_uint32(f"{name}.attention.head_count", shape.heads)
     writer.add_float32(f"{name}.rope.freq_base", 10000.0)
-    writer.add_tensor("token_embd.weight", randn(vocab, D, scale=1.0))
+    writer.add_tensor("token_embd.weight", randn(vocab, d, scale=1.0))
     if arch == MODEL_ARCH.LLAMA:
-        writer.add_uint32(f"{name}.attention.head_count_kv", KV_HEADS)
+        writer.add_uint32(f"{name}.attention.head_count_kv", shape.kv_heads)
         writer.add_float32(f"{name}.attention.layer_norm_rms_epsilon", 1e-5)
-        writer.add_uint32(f"{name}.rope.dimension_count", HEAD_DIM)
+        writer.add_uint32(f"{name}.rope.dimension_count", head_dim)
         writer.add_tensor("output_norm.weight", norm())
-        for i in range(LAYERS):
+        for i in range(shape.layers):
             blk = f"blk.{i}"
             writer.add_tensor(f"{blk}.attn_norm.weight", norm())
-            for proj, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
-                writer.add_tensor(f"{blk}.attn_{proj}.weight", randn(heads * HEAD_DIM, D))
-                writer.add_tensor(f"{blk}.attn_{proj}.bias", randn(heads * HEAD_DIM))
-            writer.add_tensor(f"{blk}.attn_output.weight", randn(D, HEADS * HEAD_DIM))
+            for proj, heads in (("q", shape.heads), ("k", shape.kv_heads), ("v", shape.kv_heads)):
+                writer.add_tensor(f"{blk}.attn_{proj}.weight", randn(heads * head_dim, d))
+                writer.add_tensor(f"{blk}.attn_{proj}.bias", randn(heads * head_dim))
+            writer.add_tensor(f"{blk}.attn_output.weight", randn(d, shape.heads * head_dim))
             writer.add_tensor(f"{blk}.ffn_norm.weight", norm())
-            writer.add_tensor(f"{blk}.ffn_gate.weight", randn(FFN, D))
-            writer.add_tensor(f"{blk}.ffn_up.weight", randn(FFN, D))
-            writer.add_tensor(f"{blk}.ffn_down.weight", randn(D, FFN))
+            writer.add_tensor(f"{blk}.ffn_gate.weight", randn(ffn, d))
+            writer.add_tensor(f"{blk}.ffn_up.weight", randn(ffn, d))
+            writer.add_tensor(f"{blk}.ffn_down.weight", randn(d, ffn))
     else:
         writer.add_float32(f"{name}.attention.layer_norm_epsilon", 1e-5)
-        writer.add_uint32(f"{name}.rope.dimension_count", HEAD_DIM // 4)
+        writer.add_uint32(f"{name}.rope.dimension_count", head_dim // 4)
         writer.add_bool(f"{name}.use_parallel_residual", True)
         writer.add_tensor("output_norm.weight", norm())
-        writer.add_tensor("output_norm.bias", randn(D))
-        writer.add_tensor("output.weight", randn(vocab, D))
-        for i in range(LAYERS):
+        writer.add_tensor("output_norm.bias", randn(d))
+        writer.add_tensor("output.weight", randn(vocab, d))
+        for i in range(shape.layers):
             blk = f"blk.{i}"
             for kind in ("attn_norm", "ffn_norm"):
                 writer.add_tensor(f"{blk}.{kind}.weight", norm())
-                writer.add_tensor(f"{blk}.{kind}.bias", randn(D))
-            writer.add_tensor(f"{blk}.attn_qkv.weight", randn(3 * D, D))
-            writer.add_tensor(f"{blk}.attn_qkv.bias", randn(3 * D))
-            writer.add_tensor(f"{blk}.attn_output.weight", randn(D, D))
-            writer.add_tensor(f"{blk}.attn_output.bias", randn(D))
-            writer.add_tensor(f"{blk}.ffn_up.weight", randn(FFN, D))
-            writer.add_tensor(f"{blk}.ffn_up.bias", randn(FFN))
-            writer.add_tensor(f"{blk}.ffn_down.weight", randn(D, FFN))
-            writer.add_tensor(f"{blk}.ffn_down.bias", randn(D))
+                writer.add_tensor(f"{blk}.{kind}.bias", randn(d))
+            writer.add_tensor(f"{blk}.attn_qkv.weight", randn(3 * d, d))
+            writer.add_tensor(f"{blk}.attn_qkv.bias", randn(3 * d))
+            writer.add_tensor(f"{blk}.attn_output.weight", randn(d, d))
+            writer.add_tensor(f"{blk}.attn_output.bias", randn(d))
+            writer.add_tensor(f"{blk}.ffn_up.weight", randn(ffn, d))
+            writer.add_tensor(f"{blk}.ffn_up.bias", randn(ffn))
+            writer.add_tensor(f"{blk}.ffn_down.weight", randn(d, ffn))
+            writer.add_tensor(f"{blk}.ffn_down.bias", randn(d))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

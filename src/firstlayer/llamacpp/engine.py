@@ -125,6 +125,18 @@ class Engine:
         finally:
             lib.llama_batch_free(batch)
 
+    def greedy(self, prompt: Sequence[int], steps: int, seq: int = 0) -> list[int]:
+        """`steps` greedy tokens after `prompt`, each decoded on the KV cache (cleared first)."""
+        self.clear()
+        last = self.decode(
+            prompt, range(len(prompt)), [seq] * len(prompt), [False] * (len(prompt) - 1) + [True]
+        )
+        tokens: list[int] = []
+        for position in range(len(prompt), len(prompt) + steps):
+            tokens.append(int(np.argmax(last[-1])))
+            last = self.decode(tokens[-1:], [position], [seq], [True])
+        return tokens
+
     def clear(self) -> None:
         """Forget every sequence's KV cache."""
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
