@@ -20,14 +20,26 @@ FLAGS="$FLAGS -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
 
 wheel() { ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1; }
 
-if [ -z "$(wheel)" ]; then
+# llama.cpp's own Hugging Face converter, from the same sdist: `firstlayer convert DIR OUT.gguf`
+# runs it (Python only, the patch changes nothing in it).
+CONVERT="$(dirname "$CACHE")/convert-$VERSION"
+
+if [ -z "$(wheel)" ] || [ ! -d "$CONVERT" ]; then
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
-    echo "building llama-cpp-python $VERSION with $(basename "$PATCH") (once per machine) in $WORK"
     "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: \
         "llama-cpp-python==$VERSION" -d "$WORK"
     tar -xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
     SRC="$WORK/llama_cpp_python-$VERSION"
+fi
+if [ ! -d "$CONVERT" ]; then
+    mkdir -p "$WORK/convert"
+    (cd "$SRC/vendor/llama.cpp" && cp -r convert_hf_to_gguf.py conversion gguf-py "$WORK/convert/")
+    mkdir -p "$(dirname "$CONVERT")"
+    mv "$WORK/convert" "$CONVERT"
+fi
+if [ -z "$(wheel)" ]; then
+    echo "building llama-cpp-python $VERSION with $(basename "$PATCH") (once per machine) in $WORK"
     patch --quiet -p1 -d "$SRC/vendor/llama.cpp" < "$PATCH"
     CMAKE_ARGS="$FLAGS ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${LLAMA_CPP_JOBS:-2}" \
         nice -n 19 "$PYTHON" -m pip wheel --quiet --no-deps -w "$WORK/wheel" "$SRC"

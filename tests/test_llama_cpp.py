@@ -189,6 +189,46 @@ def test_a_precomputed_or_unpatched_graph_is_refused_before_writing(tiny, tmp_pa
     assert not (tmp_path / "twice.gguf").exists()
 
 
+# Transformers' float32 logits against llama.cpp's for the same weights: two engines' arithmetic.
+ENGINES_TOLERANCE = 1e-3  # relative to the largest logit
+
+
+@needs_patched_build
+def test_a_hugging_face_folder_goes_through_llama_cpps_converter(tmp_path):
+    """convert DIR OUT.gguf: llama.cpp's converter (which permutes q/k rows for its rotary
+    layout) writes the GGUF, the table follows its rows: prompt and KV-cached decoding give
+    transformers' own logits."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    shipped = default_gguf_path()
+    folder = tmp_path / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(shipped.parent, gguf_file=shipped.name)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    out = tmp_path / "precomputed.gguf"
+    convert = ["convert", str(folder), str(out), "--dtype", "float32", "--table-dtype", "F32"]
+    assert main(convert) == 0
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    logits, tokens = run_llama(out, prompt, DECODE_STEPS)
+    with torch.no_grad():  # the prompt and the tokens llama.cpp decoded, in one pass
+        reference = model(torch.tensor([prompt + tokens[:-1]])).logits[0].numpy()
+    assert relative_error(logits[: len(reference)], reference) < ENGINES_TOLERANCE
+
+
 # --- SmolLM2-135M-Instruct: the real weights ---------------------------------------------------
 
 # 30 layers amplify the float32 difference further: measured 5.1e-4 of the largest logit, where

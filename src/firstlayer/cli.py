@@ -286,18 +286,17 @@ def run_convert_gguf(args: argparse.Namespace) -> int:
     from firstlayer.llamacpp.export import convert_to_gguf
 
     unused = {
-        "--dtype": args.dtype,
         "--adapter": args.adapter,
         "--accept-error": args.accept_error,
         "--keep-layer0": args.keep_layer0,
     }
     given = [option for option, value in unused.items() if value]
     if given:
-        raise FirstLayerError(
-            f"{', '.join(given)}: not for a .gguf OUT, which keeps the source's weights as stored"
-        )
+        raise FirstLayerError(f"{', '.join(given)}: not for a .gguf OUT")
     with progress_bar("table rows") as update:
-        result = convert_to_gguf(args.source, args.out, args.table_dtype, args.force, update)
+        result = convert_to_gguf(
+            args.source, args.out, args.table_dtype, args.force, update, args.dtype
+        )
     print(f"wrote {result.out}: {result.describe()}")
     return 0
 

@@ -63,19 +63,33 @@ def convert_to_gguf(
     table_type: str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    dtype: str | None = None,
 ) -> GGUFExport:
     """`firstlayer convert SOURCE OUT.gguf`: SOURCE a .gguf file, a folder holding one, or
-    `default`; `table_type` in llama.cpp's names or the project's dtype names."""
+    `default`; or a Hugging Face folder, which llama.cpp's converter writes as GGUF first (its
+    weights in `dtype`, default the folder's). `table_type` in llama.cpp's names or the
+    project's dtype names."""
     from firstlayer.analysis.sources import resolve_source
+    from firstlayer.llamacpp.converter import hf_to_gguf
 
     resolved = resolve_source(source)
-    if resolved.kind != "gguf":
-        raise FirstLayerError(
-            f"{source}: a .gguf OUT is written from a GGUF file; convert a Hugging Face folder "
-            "with llama.cpp's convert_hf_to_gguf.py first (llama.cpp/README.md)"
-        )
     table_type = GGUF_TYPE_OF_DTYPE.get(table_type, table_type) if table_type else None
-    return export_gguf(resolved.path, out, table_type, force, progress)
+    if resolved.kind == "gguf":
+        if dtype is not None:
+            raise FirstLayerError("--dtype: a GGUF source's weights are kept as stored")
+        return export_gguf(resolved.path, out, table_type, force, progress)
+    if resolved.kind != "folder":
+        raise FirstLayerError(
+            f"{source}: a .gguf OUT is written from a GGUF file or a model folder"
+        )
+    out = Path(out)
+    if out.exists() and not force:
+        raise FirstLayerError(f"{out} exists: pass --force to replace it")
+    original = hf_to_gguf(resolved.path, out.with_name(f".{out.name}.original"), dtype)
+    try:
+        return export_gguf(original, out, table_type, force, progress)
+    finally:
+        original.unlink(missing_ok=True)
 
 
 def table_type_of(name: str | None, reader: GGUFReader) -> str:
