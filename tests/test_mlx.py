@@ -224,6 +224,8 @@ def test_lora_on_layer_0_is_refused_by_name(mlx_folders):
     linear_to_lora_layers(model, 1, settings)  # the last layer: as for the original
     with pytest.raises(FirstLayerError, match="layer 0"):
         linear_to_lora_layers(model, 2, settings)
+    with pytest.raises(ValueError, match="PrecomputedLayer0Projection"):  # DoRA asks no module
+        linear_to_lora_layers(model, 2, settings, use_dora=True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -160,7 +160,7 @@ class MlxTableEmbedding(nn.Module):
         return self.residual.weight  # families that multiply by the embedding's weight directly
 
 
-class PrecomputedProjection(nn.Module):
+class PrecomputedLayer0Projection(nn.Module):
     """A q/k/v projection of layer 0: its columns of the rows layer 0 is running on."""
 
     def __init__(self, name: str, start: int, stop: int):
@@ -341,7 +341,7 @@ class TablePlan:
         replace_module(model, self.embedding, table)
         for (path, folder_name), column in zip(self.projections, self.layout.columns, strict=True):
             start, stop = column.start - hidden, column.stop - hidden
-            projection = PrecomputedProjection(folder_name, start, stop)
+            projection = PrecomputedLayer0Projection(folder_name, start, stop)
             replace_module(model, path, projection)
         for path in self.pass_through:
             replace_module(model, path, PassThrough())
@@ -378,7 +378,7 @@ class TablePlan:
             if head is not None:
                 weights[f"{prefix}weight"] = head
         # The attention norm a serial folder keeps for transformers' adapters: mlx-lm adapters
-        # are refused on layer 0 (`PrecomputedProjection.to_lora`), so it has no reader here.
+        # are refused on layer 0 (`PrecomputedLayer0Projection.to_lora`), so it has no reader here.
         return weights
 
 
