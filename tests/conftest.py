@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,3 +154,42 @@ def smollm2_converted(smollm2, tmp_path_factory):
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def with_head_norms_folded(folder: Path, out: Path, model: nn.Module) -> Path:
+    """A folder of format 6 rewritten as firstlayer wrote it before: layer 0's q/k norms applied
+    to the table's q and k columns (in float32, as the converter applied them to the
+    projections' float32 output), their weights dropped, the record of format 5."""
+    from safetensors.torch import load_file, save_file
+
+    from firstlayer.folder import record_weight_files
+    from firstlayer.hf.models import config_class
+    from firstlayer.hf.patch import parts_of
+    from firstlayer.table.layout import TableLayout
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    record = config["firstlayer"]
+    assert record.pop("head_norms") == "at_run_time"
+    parts, _ = parts_of(model)
+    layout = TableLayout.from_dict(record["table"])
+    tensors = load_file(out / "model.safetensors")
+    name = f"{record['table']['module']}.qkv"
+    qkv = tensors[name].float()
+    with torch.no_grad():
+        for column in layout.columns:
+            norm_name = parts.run_head_norms.get(column.module)
+            if norm_name is None:
+                continue
+            norm = model.get_submodule(norm_name)
+            start, stop = column.start - layout.hidden_size, column.stop - layout.hidden_size
+            width = next(norm.parameters()).shape[-1]  # a head, or all of them (OLMo 2)
+            qkv[:, start:stop] = norm(qkv[:, start:stop].unflatten(-1, (-1, width))).flatten(-2)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(norm_name + ".")}
+    tensors[name] = qkv.to(tensors[name].dtype)
+    record["format_version"] = 5
+    record["eliminated"] += list(parts.run_head_norms.values())
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    record_weight_files(out, config_class(record["model_type"]).from_dict(config))
+    return out

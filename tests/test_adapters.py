@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAMILIES, build_tiny, clone, left_padded_batch
+from conftest import FAMILIES, build_tiny, clone, left_padded_batch, with_head_norms_folded
 
 from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
@@ -307,3 +307,25 @@ def test_new_source_weights_compute_the_table_again_or_are_refused(case):
     model.load_state_dict(state)
     got = logits(model, batch)
     assert max_diff(got, logits(after, batch), batch["attention_mask"]) <= FLOAT32_LOGIT_TOLERANCE
+
+
+def test_a_folder_with_q_k_norms_in_its_table_runs_as_before_and_refuses_q_k_adapters(tmp_path):
+    """A Qwen3 folder written before format 6 holds q and k after their per-head norms: it runs
+    as it did, takes an adapter on v and on later layers, and refuses one on layer 0's q or k by
+    name, with the fix."""
+    from peft import PeftModel
+
+    model = build_tiny(FAMILY["qwen3"])
+    new = convert(model, tmp_path / "new")
+    old = with_head_norms_folded(new, tmp_path / "old", model)
+    assert json.loads((old / "config.json").read_text())["firstlayer"]["format_version"] == 5
+    batch = left_padded_batch(model.config.vocab_size)
+    mask = batch["attention_mask"]
+    assert max_diff(logits(load(old), batch), logits(model, batch), mask) <= FLOAT32_LOGIT_TOLERANCE
+    on_q = save_adapter(model, tmp_path / "q", ["q_proj", "v_proj"], r=8)
+    with pytest.raises(FirstLayerError, match="before format 6.*convert the source again"):
+        PeftModel.from_pretrained(load(old), on_q)
+    on_v = save_adapter(model, tmp_path / "v", ["v_proj", "o_proj", "gate_proj"], r=8)
+    expected = logits(PeftModel.from_pretrained(clone(model), on_v), batch)
+    got = logits(PeftModel.from_pretrained(load(old), on_v), batch)
+    assert max_diff(got, expected, mask) <= FLOAT32_LOGIT_TOLERANCE

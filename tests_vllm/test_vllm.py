@@ -130,6 +130,18 @@ def test_greedy_tokens_equal_vllm_on_the_original(folders, case_id):
     assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
 
 
+def test_a_folder_with_q_k_norms_in_its_table_serves_the_originals_tokens(folders, workdir):
+    """A Qwen3 folder written before format 6, its q and k stored after layer 0's per-head norms
+    (which vLLM's attention then must not run again), is served as it was."""
+    original, precomputed = folders["qwen3"]
+    model = build_tiny(CASE["qwen3"])
+    old = families.with_head_norms_folded(precomputed, workdir / "qwen3-format-5", model)
+    expected = greedy(original, prompts())
+    got = greedy(old, prompts())
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def smollm2_folders(smollm2, workdir) -> tuple[Path, Path]:
     from firstlayer.conversion import convert

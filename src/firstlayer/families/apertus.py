@@ -10,7 +10,7 @@ from firstlayer.families.base import LlamaNames, VllmOwnClass, register_family
 
 @register_family("apertus")
 class Apertus(LlamaNames):
-    notes = "`attention_layernorm`; per-head q/k norms folded in"
+    notes = "`attention_layernorm`; per-head q/k norms run on the stored q/k"
     defaults = {
         "apertus": {"tie_word_embeddings": False, "attention_bias": False, "hidden_act": "xielu"}
     }

@@ -10,7 +10,7 @@ from firstlayer.families.base import VLLM_BACKEND, LayerExtras, LlamaNames, regi
 
 @register_family("exaone4")
 class Exaone4(LlamaNames):
-    notes = "no norm before attention; per-head q/k norms folded in"
+    notes = "no norm before attention; per-head q/k norms run on the stored q/k"
     defaults = {"exaone4": {"tie_word_embeddings": False, "num_key_value_heads": 32}}
     vllm = VLLM_BACKEND
 

@@ -29,7 +29,7 @@ class Olmo(LlamaNames):
 
 @register_family("olmo2", "olmo3")
 class Olmo2(LlamaNames):
-    notes = "no norm before attention; q/k norms across all heads folded in"
+    notes = "no norm before attention; q/k norms across all heads run on the stored q/k"
     defaults = {
         "olmo2": {"tie_word_embeddings": False, "attention_bias": False},
         "olmo3": {"tie_word_embeddings": False, "attention_bias": False},
@@ -45,7 +45,7 @@ class Olmo2(LlamaNames):
 
 @register_family("olmoe")
 class Olmoe(LlamaNames):
-    notes = "q/k norms across all heads folded in; MoE stays"
+    notes = "q/k norms across all heads run on the stored q/k; MoE stays"
     defaults = {
         "olmoe": {
             "tie_word_embeddings": False,

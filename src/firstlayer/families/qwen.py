@@ -27,7 +27,7 @@ class Qwen2(LlamaNames):
 
 @register_family("qwen3")
 class Qwen3(LlamaNames):
-    notes = "per-head q/k norms folded in before RoPE"
+    notes = "per-head q/k norms run on the stored q/k, before RoPE"
     defaults = {
         "qwen3": {
             "tie_word_embeddings": False,
@@ -72,7 +72,7 @@ class Qwen2Moe(LlamaNames):
 
 @register_family("qwen3_moe")
 class Qwen3Moe(Qwen3):
-    notes = "per-head q/k norms folded in; MoE stays"
+    notes = "per-head q/k norms run on the stored q/k; MoE stays"
     defaults = {
         "qwen3_moe": {
             "tie_word_embeddings": False,

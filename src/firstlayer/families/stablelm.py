@@ -18,7 +18,10 @@ from firstlayer.families.base import (
 @register_family("stablelm")
 class StableLm(LlamaNames):
     blocks = BY_CONFIG
-    notes = "`use_parallel_residual`; per-head q/k LayerNorms folded in"
+    notes = (
+        "`use_parallel_residual`; per-head q/k LayerNorms folded in (parallel) or run on the "
+        "stored q/k (serial)"
+    )
     defaults = {
         "stablelm": {
             "tie_word_embeddings": False,

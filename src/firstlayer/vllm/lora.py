@@ -9,6 +9,11 @@ B·A·norm(x). The manager takes a module that already is a LoRA layer as it is 
     original:     qkv = W·n(x) + B·A·n(x)       (one QKVParallelLinear with LoRA)
     precomputed:  qkv = T[t]   + B·A·n(x)       (n(x) from the norm the table module keeps)
 
+On vLLM's Transformers-backend route the transformers side's patch runs inside vLLM, and layer
+0's q/k/v become the LoRA layer vLLM puts on the backend's own projection (its fused q/k/v), fed
+the same [rows | norm(x)].
+A family's q/k norms run after this layer, on rows + B·A·n(x), as on the original (format 6).
+
 What the table replaced and no layer here applies exactly is refused by name when the adapter is
 loaded (`add_lora`, or the worker's load of a request's adapter), and, for a request's adapter,
 already in the front end, before the engine sees the request: an adapter the worker refuses
@@ -26,7 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.families import VllmBackend, family_of
 from firstlayer.hf.adapters import AdapterTargets, adapter_module_names, adapter_targets
 
 
@@ -50,29 +54,92 @@ def rows_with_lora_class(packed: int) -> type:
             self.__dict__["base_layer"] = projection
             self.rows_width = rows_width
 
-        def forward(self, rows_and_input: Tensor) -> tuple[Tensor, None]:
+        def forward(self, rows_and_input: Tensor) -> Tensor | tuple[Tensor, None]:
             sizes = [self.rows_width, rows_and_input.shape[-1] - self.rows_width]
             rows, normed = rows_and_input.split(sizes, dim=-1)
-            output = rows.contiguous()
-            if getattr(self, "punica_wrapper", None) is not None:  # set by the LoRA manager
-                lora_output = self.punica_wrapper.add_lora_linear(
-                    output,
-                    normed.contiguous(),
-                    self.lora_a_stacked,
-                    self.lora_b_stacked,
-                    1.0,
-                    self.output_slices,
-                )
-                if lora_output is not None:  # where a platform cannot add in place
-                    output = lora_output
-            return output, None
+            output = add_lora(self, rows, normed)
+            # vLLM's own classes take (output, bias); the Transformers backend's fused q/k/v
+            # returns the output alone, which its attention splits by `output_sizes`.
+            return (output, None) if self.base_layer.return_bias else output
 
     return RowsWithLoRA
 
 
+def add_lora(layer: nn.Module, rows: Tensor, normed: Tensor) -> Tensor:
+    """rows + B·A·norm(x) for each token's adapter slot, by vLLM's kernels (a copy of the rows:
+    the kernels add in place, and an attention may clamp in place, OLMo's clip_qkv)."""
+    output = rows.clone(memory_format=torch.contiguous_format)
+    if getattr(layer, "punica_wrapper", None) is None:  # set by the LoRA manager
+        return output
+    # The kernels take (T, .): the Transformers backend's batch dimension of one goes.
+    flat = output.view(-1, output.shape[-1])
+    lora_output = layer.punica_wrapper.add_lora_linear(
+        flat,
+        normed.reshape(-1, normed.shape[-1]).contiguous(),
+        layer.lora_a_stacked,
+        layer.lora_b_stacked,
+        1.0,
+        layer.output_slices,
+    )
+    if lora_output is not None:  # where a platform cannot add in place
+        flat = lora_output
+    return flat.view(output.shape)
+
+
+@functools.cache
+def columns_with_lora_class(base: type) -> type:
+    """Layer 0's one precomputed projection with LoRA on vLLM's Transformers backend route (one
+    rank), where the backend did not fuse it with others (a serial GPT-NeoX's query_key_value),
+    on `base`, vLLM's own LoRA layer for the backend's projection."""
+
+    class ColumnsWithLoRA(base):
+        """[q k v rows | norm(x)] -> its columns of the rows + B·A·norm(x), as `hf.patch.Columns`
+        with PEFT's `ColumnsLora`."""
+
+        def __init__(self, projection: nn.Module, start: int, stop: int, rows_width: int):
+            super().__init__(projection)
+            # The projection gives shapes only: hidden from the manager and the loader, its
+            # weight dropped.
+            projection = self._modules.pop("base_layer")
+            projection.weight = nn.Parameter(projection.weight.new_empty(0), requires_grad=False)
+            self.__dict__["base_layer"] = projection
+            self.start, self.stop, self.rows_width = start, stop, rows_width
+
+        def forward(self, rows_and_input: Tensor) -> Tensor:
+            rows = rows_and_input[..., self.start : self.stop]  # (1, T, width)
+            return add_lora(self, rows, rows_and_input[..., self.rows_width :])
+
+    return ColumnsWithLoRA
+
+
+def backend_lora_layers(model: nn.Module, projections: dict[str, nn.Module], lora_config: Any):
+    """On the Transformers backend route: each of layer 0's precomputed projections (`hf.patch.
+    Columns`, by name in `model`) becomes the LoRA layer vLLM puts on the backend's projection of
+    that name in `projections`, and layer 0's attention receives norm(x) after the rows. The
+    backend fuses q, k and v into one QKVParallelLinear where the family's attention code allows
+    (vLLM 0.32: every serial family the plugin serves there), whose packed LoRA layer is the one
+    vLLM's own classes get (`lora_layer`)."""
+    from vllm.lora.layers import ColumnParallelLinearWithLoRA, ReplicatedLinearWithLoRA
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear
+
+    for name, projection in projections.items():
+        columns = model.get_submodule(name)
+        if isinstance(projection, QKVParallelLinear):
+            layer = lora_layer(projection, model, name.rpartition(".")[2], lora_config)
+            layer.output_sizes = projection.output_sizes  # which the backend's split reads
+        else:
+            is_column = isinstance(projection, ColumnParallelLinear)
+            base = ColumnParallelLinearWithLoRA if is_column else ReplicatedLinearWithLoRA
+            width = columns.adapter.qkv_width
+            layer = columns_with_lora_class(base)(projection, columns.start, columns.stop, width)
+            layer.create_lora_weights(lora_config.max_loras, lora_config, model.config)
+        model.set_submodule(name, layer)
+        columns.adapter.requested = True
+
+
 def lora_layer(projection: nn.Module, model: nn.Module, qkv: str, lora_config: Any) -> nn.Module:
     """Layer 0's q/k/v with LoRA slots, shaped and sharded like `projection`."""
-    packed = len(getattr(type(model), "packed_modules_mapping", {}).get(qkv, ["q", "k", "v"]))
+    packed = len(getattr(model, "packed_modules_mapping", {}).get(qkv, ["q", "k", "v"]))
     if lora_config.fully_sharded_loras and projection.tp_size > 1:
         raise FirstLayerError(
             "fully_sharded_loras shards an adapter's A over ranks, which layer 0's precomputed "
@@ -83,32 +150,18 @@ def lora_layer(projection: nn.Module, model: nn.Module, qkv: str, lora_config: A
     return layer
 
 
-def vllm_targets(hf_config: Any) -> AdapterTargets:
-    """The adapter rules in vLLM: the transformers side's (`hf.adapters`), but where the family
-    runs through vLLM's Transformers backend, layer 0's q/k/v take no adapter yet."""
-    targets = adapter_targets(hf_config)
-    family = hf_config.firstlayer["model_type"]
-    if not isinstance(family_of(family).vllm_route(family), VllmBackend):
-        return targets
-    why = (
-        "on vLLM's Transformers backend route (this family's) the plugin does not apply an "
-        "adapter to layer 0's precomputed q/k/v yet"
-    )
-    refused = {**targets.refused, **dict.fromkeys(targets.exact, why)}
-    return AdapterTargets(frozenset(), targets.embedding, refused)
-
-
 def refuse_adapter(hf_config: Any, folder: str | Path, name: str) -> None:
     """Raise if a PEFT adapter folder targets what the table replaced and vLLM cannot apply
-    exactly, naming the modules, why, and the way forward."""
-    vllm_targets(hf_config).refuse(adapter_module_names(Path(folder)), f"LoRA adapter {name!r}")
+    exactly (the transformers side's rules, `hf.adapters`), naming the modules, why, and the
+    way forward."""
+    adapter_targets(hf_config).refuse(adapter_module_names(Path(folder)), f"LoRA adapter {name!r}")
 
 
 def guard_manager(manager: Any, hf_config: Any, vllm_name: Callable[[str], str]) -> None:
     """Wrap a LoRA manager's add_adapter (what `add_lora` and a request's first use of an
     adapter call, right after loading its weights) to refuse what is not exact, by the names
     vLLM gave the adapter's modules (`vllm_name` maps the original's to them)."""
-    targets = vllm_targets(hf_config)
+    targets = adapter_targets(hf_config)
     in_vllm = AdapterTargets(
         frozenset(vllm_name(n) for n in targets.exact),
         vllm_name(targets.embedding),

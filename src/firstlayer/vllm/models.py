@@ -58,7 +58,7 @@ from firstlayer.table.codec import column_segments, dequantize_int8, empty_block
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, Column, TableLayout, segments
 from firstlayer.table.lookup import HostStaging, gather_rows, parse_table_memory
 from firstlayer.vllm.checks import check_engine
-from firstlayer.vllm.lora import guard_manager, lora_layer
+from firstlayer.vllm.lora import backend_lora_layers, guard_manager, lora_layer
 from firstlayer.vllm.quantized import (
     as_stored,
     declares_quantization,
@@ -593,7 +593,7 @@ class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
         first = TableLayout.from_dict(record["table"]).columns[0].module
         self.holds_table = holds_layer_0(self, backend_name(self, first))
         if self.holds_table:
-            patch_transformers_backend(self, self.hf_config, memory)
+            patch_transformers_backend(self, self.hf_config, memory, vllm_config.lora_config)
 
     @functools.cached_property
     def _from_config_kwargs(self) -> dict[str, Any]:
@@ -668,12 +668,15 @@ def backend_name(model: nn.Module, name: str) -> str:
     return target.removesuffix(".weight")
 
 
-def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "device") -> None:
+def patch_transformers_backend(
+    model: nn.Module, config: Any, memory: str = "device", lora_config: Any = None
+) -> None:
     """Patch the backend's transformers model as `hf.patch.patch` patches a transformers model:
     the declaration's module names, mapped the way the backend maps checkpoint names onto its own
     tree (the family's base model -> `model.`). The table's blocks are empty, in their stored
     dtypes, for the backend's loader to fill; with `memory="host"` the ones only the lookup
-    reads are in host memory (`TableEmbedding.host_blocks`)."""
+    reads are in host memory (`TableEmbedding.host_blocks`). With LoRA on (`lora_config`), a
+    serial layer 0's q/k/v take an adapter's part (`vllm.lora.backend_lora_layers`)."""
     import dataclasses
 
     from transformers import AutoModelForCausalLM
@@ -717,7 +720,12 @@ def patch_transformers_backend(model: nn.Module, config: Any, memory: str = "dev
         # A first pipeline stage that is not the last: its LM head is elsewhere (the last stage
         # ties it to an embedding loaded from the residual block, `other_stage_weights`).
         record = {**record, "lm_head": {**record["lm_head"], "reads_table": False}}
+    with_lora = lora_config is not None and record.get("adapter_input") is not None
+    # The backend's own projections, whose shapes the LoRA layers take.
+    projections = {c.module: model.get_submodule(c.module) for c in columns} if with_lora else {}
     patch_as_recorded(model, parts, layout, record, blocks, scales, model_dtype)
+    if with_lora:
+        backend_lora_layers(model, projections, lora_config)
     table = model.get_submodule(parts.embedding)
     # One scale per row and recorded segment, also where the backend fused the projections.
     for block in BLOCKS:
