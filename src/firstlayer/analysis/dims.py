@@ -48,6 +48,8 @@ class ModelDims:
     is_parallel: bool  # attention and FFN both read layer 0's input
     is_fused_qkv: bool  # q, k and v are one projection (its int8 table gets a scale per head)
     extras: LayerExtras  # biases and norms: what an exact count needs beyond the matrices
+    # Layer 0's q/k/v stay beside the table (a multimodal model's image positions run them).
+    keeps_layer0: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -95,6 +97,9 @@ def model_dims(config: Mapping[str, Any], name: str | None = None) -> ModelDims:
     generic field names and counted as serial, Llama-style layers (`extras.is_known` is False).
     """
     cfg = config_with_defaults(config)
+    keeps_layer0 = reading_of(cfg["model_type"]).is_multimodal
+    if keeps_layer0:  # counted as its language model, the vision tower aside
+        cfg = config_with_defaults(reading_of(cfg["model_type"]).text_config(cfg))
     t = cfg["model_type"]
     family = reading_of(t)
     d = required(cfg, HIDDEN)
@@ -120,4 +125,5 @@ def model_dims(config: Mapping[str, Any], name: str | None = None) -> ModelDims:
         is_parallel=is_parallel(cfg),
         is_fused_qkv=family.is_fused_qkv,
         extras=family.layer_extras(cfg, n_heads * head_dim, n_kv_heads * head_dim, head_dim),
+        keeps_layer0=keeps_layer0,
     )

@@ -474,6 +474,9 @@ def _memory(m: ModelDims, exact: bool, row_width: int, eliminated: int, total: i
     # layer-0 part, which needs norm(x)): it leaves the reads, not the memory.
     keeps_norm = exact and not m.is_parallel and m.extras.has_attn_norm
     decrease = eliminated - (m.extras.norm_vectors * m.d if keeps_norm else 0)
+    if m.keeps_layer0:  # its q/k/v (and biases) stay too: the table adds to the model
+        bias = m.q_dim + 2 * m.e if exact and m.extras.qkv_bias else 0
+        decrease -= m.d * (m.q_dim + 2 * m.e) + bias
     net = increase - decrease
     return Memory(increase, decrease, net, net / total)
 

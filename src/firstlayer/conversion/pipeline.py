@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,8 @@ def build_table(
         table_dtype,
         dtypes["residual"],
     )
-    if options.keep_layer0:
+    # A multimodal model's image positions always need them.
+    if options.keep_layer0 or family_of(planned.model_type).is_multimodal:
         record["kept_layer0"] = kept_layer0_record(model, planned, dtype)
     return token_local, dtypes, table_dtype, record
 
@@ -437,6 +439,7 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     def save_extras(tmp: Path) -> None:
         if weights.tokenizer is not None:
             weights.tokenizer.save_pretrained(tmp)
+        copy_processor_files(weights.folder, tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -496,6 +499,23 @@ def quantized_config(
         record["quantized_for"] = checkpoint.quantized_for
         record["inputs_quantized"] = INPUTS_QUANTIZED_AS[checkpoint.quantized_for]
     return QuantizedOutput(config, record)
+
+
+# What a multimodal checkpoint's processor reads beside the tokenizer: copied as they are.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def copy_processor_files(source: Path | None, out: Path) -> None:
+    """The source folder's processor files (image processor, chat template), byte for byte."""
+    for name in PROCESSOR_FILES if source is not None else ():
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
 
 
 def cast_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -561,7 +581,9 @@ def convert_source(
     plan_for(model)  # refuses a precomputed model before anything is merged
     if options.adapters:  # into the model loaded for this conversion: no copy
         model = merge_adapters(model, list(options.adapters))
-    written = write_converted(loaded_weights(model, loaded.tokenizer), out, options)
+    weights = loaded_weights(model, loaded.tokenizer)
+    weights.folder = path if path.is_dir() else None
+    written = write_converted(weights, out, options)
     return written, "loaded in memory"
 
 

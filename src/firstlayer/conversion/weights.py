@@ -33,7 +33,7 @@ from firstlayer.conversion.quantized import (
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import family_config, family_of
 from firstlayer.hf.adapters import LoraDeltas
-from firstlayer.hf.models import weight_conversions
+from firstlayer.hf.models import auto_model, weight_conversions
 from firstlayer.hf.patch import parts_of
 from firstlayer.safetensors_io import SafetensorsFolder
 
@@ -84,6 +84,7 @@ class Weights:
     fingerprint: str | Callable[[], str]  # a callable when known only after the stream
     tokenizer: Any | None = None
     checkpoint: Checkpoint | None = None  # a quantized checkpoint's (its quantized Linears)
+    folder: Path | None = None  # the source folder, whose processor files the output copies
 
     def embedding_rows(self, ids: Tensor) -> Tensor:
         return rows_at(self.embedding_weight, ids)
@@ -191,7 +192,7 @@ def checkpoint_weights(
         return fingerprint(entries)
 
     quantized = checkpoint if checkpoint.quantization is not None else None
-    return Weights(model, embedding, blocks, source_fingerprint, tokenizer, quantized)
+    return Weights(model, embedding, blocks, source_fingerprint, tokenizer, quantized, source)
 
 
 def fingerprint_names(checkpoint: Checkpoint) -> dict[str, Tensor]:
@@ -258,7 +259,7 @@ def meta_model(source: Path, deltas: LoraDeltas | None = None) -> Checkpoint:
     """The config's model on the meta device, the checkpoint (read with adapters merged, where
     `deltas` are given), and for every state-dict name the checkpoint tensor holding it (a tied
     weight may be stored under its partner's name)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     family_of(family_config(config)["model_type"])  # refuses an unsupported family first
@@ -276,7 +277,7 @@ def meta_model(source: Path, deltas: LoraDeltas | None = None) -> Checkpoint:
         torch.float32,
     )
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model(config.model_type).from_config(config, dtype=dtype)
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     names, quantized = checkpoint_names(model, folder, source, quantization)

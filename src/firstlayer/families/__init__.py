@@ -55,7 +55,11 @@ _DECLARATIONS = sorted(
 for _module in _DECLARATIONS:
     importlib.import_module(f"{__name__}.{_module}")
 
+from firstlayer.families.multimodal import MULTIMODAL  # noqa: E402  (declared above)
+
 SUPPORTED_TYPES: tuple[str, ...] = tuple(REGISTRY)
+# Image-text-to-text models whose language model is of a supported family (transformers only).
+MULTIMODAL_TYPES: tuple[str, ...] = tuple(MULTIMODAL)
 _REFUSED = {t: refused for refused in REFUSED for t in refused.model_types}
 
 
@@ -81,13 +85,15 @@ GENERIC = GenericFamily()
 def family_of(model_type: str) -> Family:
     """The declaration of a family firstlayer converts, or a FirstLayerError saying why not
     (not applicable, or not supported yet, naming the supported ones)."""
+    if model_type in MULTIMODAL:
+        return MULTIMODAL[model_type]
     refuse_not_supported(model_type)
     return REGISTRY[model_type]
 
 
 def reading_of(model_type: str) -> Family:
     """How the analyser reads a model type: its declaration, or the generic reading."""
-    return REGISTRY.get(model_type, GENERIC)
+    return REGISTRY.get(model_type) or MULTIMODAL.get(model_type, GENERIC)
 
 
 def config_with_defaults(config: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -193,6 +199,7 @@ def listed_families() -> dict[str, dict]:
 
 
 __all__ = [
+    "MULTIMODAL_TYPES",
     "BY_CONFIG",
     "GENERIC",
     "NOT_APPLICABLE",

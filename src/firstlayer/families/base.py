@@ -254,6 +254,7 @@ class Family:
     tiny: ClassVar[Mapping[str, Any]] = TINY  # AutoConfig.for_model(t, **tiny): a test model
     is_known: ClassVar[bool] = True
     is_fused_qkv: ClassVar[bool] = False  # q, k and v are one projection
+    is_multimodal: ClassVar[bool] = False  # a vision tower beside the language model
     has_even_heads: ClassVar[bool] = False  # attention splits d evenly, whatever head_dim says
     has_plain_mlp: ClassVar[bool] = False  # fc_in/fc_out (or up/down), no gate
     is_moe: ClassVar[bool] = False

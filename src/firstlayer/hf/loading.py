@@ -32,7 +32,12 @@ from firstlayer.folder import (
     require_files,
 )
 from firstlayer.hf.adapters import merge_adapters
-from firstlayer.hf.models import PrecomputedForCausalLM, register_with_transformers
+from firstlayer.hf.models import (
+    PrecomputedForCausalLM,
+    auto_model,
+    auto_model_of,
+    register_with_transformers,
+)
 from firstlayer.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 # Random models for benchmarks of a bare config.json are seeded: the same config, the same weights.
@@ -162,12 +167,12 @@ def refuse_mismatched_shapes(folder: Path, config: dict[str, Any]) -> None:
     Reads only the files' headers, and builds the model on the meta device (no memory).
     """
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
         with torch.device("meta"):
-            expected = AutoModelForCausalLM.from_config(hf_config).state_dict()
+            expected = auto_model(hf_config.model_type).from_config(hf_config).state_dict()
     except (ValueError, KeyError, TypeError) as error:
         raise FirstLayerError(f"{folder / 'config.json'} cannot build a model ({error})") from None
     for file in sorted(folder.glob("*.safetensors")):
@@ -207,10 +212,9 @@ def _has_weights(folder: Path) -> bool:
 
 def _from_pretrained(folder: Path, dtype: torch.dtype | None, **kwargs: Any) -> nn.Module:
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_of(folder).from_pretrained(
             folder, dtype=dtype or "auto", local_files_only=True, **kwargs
         )
     except FirstLayerError:
@@ -255,13 +259,12 @@ def load(
     `device`; see `firstlayer.table.lookup`).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
     register_with_transformers()
     require_files(path)
     dtype = parse_dtype(dtype) or "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_of(path).from_pretrained(
             path, dtype=dtype, device_map=device, local_files_only=True, table_memory=table_memory
         )
     except FirstLayerError:

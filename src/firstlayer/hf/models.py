@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.families import SUPPORTED_TYPES, family_config
+from firstlayer.families import MULTIMODAL_TYPES, SUPPORTED_TYPES, family_config
 from firstlayer.folder import kept_layer0, mapped_table, record_weight_files, require_files
 from firstlayer.hf.patch import TableEmbedding, parts_of, patch_as_recorded
 from firstlayer.table.build import TokenLocal, table_chunks
@@ -196,22 +196,46 @@ def config_class(model_type: str) -> type:
 
 @functools.cache
 def model_class(model_type: str) -> type:
-    """The causal-LM class of a precomputed model of family `model_type`, registered."""
-    from transformers import AutoModelForCausalLM
+    """The causal-LM class of a precomputed model of family `model_type` (a multimodal family's
+    image-text-to-text class), registered with the Auto classes that build the original."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config_cls = config_class(model_type)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]
+    autos = auto_classes(model_type)
+    base = autos[0]._model_mapping[CONFIG_MAPPING[model_type]]
     attributes = {
         "config_class": config_cls,
         "__module__": __name__,
         "__doc__": f"{base.__name__} whose layer 0 runs from a firstlayer table.",
     }
     cls = type(f"FirstLayer{base.__name__}", (PrecomputedForCausalLM, base), attributes)
-    AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
+    for auto in autos:
+        if CONFIG_MAPPING[model_type] in auto._model_mapping:
+            auto.register(config_cls, cls, exist_ok=True)
     register_weight_conversions(model_type)
     return cls
+
+
+def auto_model(model_type: str) -> type:
+    """The Auto class that builds and loads a model of this type, precomputed or not."""
+    return auto_classes(model_type.removeprefix(PRECOMPUTED_PREFIX))[0]
+
+
+def auto_model_of(folder: str | Path) -> type:
+    """`auto_model` for a model folder, by its config.json (causal LM where it has none)."""
+    config = Path(folder) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type", "") if config.is_file() else ""
+    return auto_model(model_type)
+
+
+def auto_classes(model_type: str) -> tuple[type, ...]:
+    """The Auto classes that build a family's original, the one that names it first: causal LM,
+    or for a multimodal family image-text-to-text (Gemma 3 is both)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if model_type in MULTIMODAL_TYPES:
+        return AutoModelForImageTextToText, AutoModelForCausalLM
+    return (AutoModelForCausalLM,)
 
 
 def register_weight_conversions(model_type: str) -> None:
@@ -235,7 +259,7 @@ def register_weight_conversions(model_type: str) -> None:
 def register_with_transformers() -> None:
     """Register every supported family's precomputed config with AutoConfig (its model class
     follows on first use). Idempotent."""
-    for model_type in SUPPORTED_TYPES:
+    for model_type in (*SUPPORTED_TYPES, *MULTIMODAL_TYPES):
         config_class(model_type)
 
 
@@ -345,12 +369,16 @@ def compute_table_again(
 def __getattr__(name: str) -> type:
     """The classes made on demand, by name: pickle and vLLM's worker processes find them here."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    for model_type in SUPPORTED_TYPES:
+    for model_type in (*SUPPORTED_TYPES, *MULTIMODAL_TYPES):
         if name == f"FirstLayer{CONFIG_MAPPING_NAMES[model_type]}":
             return config_class(model_type)
-        if name == f"FirstLayer{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}":
+        names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES | MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        if name == f"FirstLayer{names[model_type]}":
             return model_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -430,11 +458,10 @@ def original_on_meta(config: Any) -> nn.Module:
 
 @functools.cache
 def _original_on_meta(config_json: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     values = json.loads(config_json)
     values.pop("firstlayer", None)
     config = CONFIG_MAPPING[values["model_type"]].from_dict(values)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config).eval()
+        return auto_classes(values["model_type"])[0].from_config(config).eval()

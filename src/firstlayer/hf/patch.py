@@ -46,6 +46,10 @@ ROWS_KWARG = "firstlayer_rows"
 # thread and per asyncio task, set for one model call.
 # torch.compile cannot trace it and breaks the graph there; the kwargs route has no break.
 _CALL_ROWS: ContextVar[Tensor | None] = ContextVar(ROWS_KWARG, default=None)
+# The keyword under which a multimodal model's prompt ids travel from the top model, which
+# embeds them and scatters image features in, to its language model, called with inputs_embeds
+# only: positions whose input is their id's embedding row read the table.
+IDS_KWARG = "firstlayer_ids"
 
 
 class TableEmbedding(nn.Module):
@@ -345,10 +349,12 @@ class RowsFromTable:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
         refuse_embeddings_input(kwargs, self.kept)
+        prompt_ids = kwargs.pop(IDS_KWARG, None)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
         rows: Tensor | CallRows
-        if kwargs.get("inputs_embeds") is not None and input_ids is None:
-            rows = CallRows(None, None)  # every position runs layer 0's kept weights
+        if embeds is not None and input_ids is None:
+            rows = self.split(prompt_ids, embeds)
         elif input_ids is None:
             return args, kwargs  # the family's own forward says what is missing
         else:
@@ -360,6 +366,27 @@ class RowsFromTable:
             return args, {**kwargs, ROWS_KWARG: rows}
         _CALL_ROWS.set(rows)
         return args, kwargs
+
+    def split(self, ids: Tensor | None, embeds: Tensor) -> CallRows:
+        """Which positions of an embeddings call are tokens: those whose input row is, bit for
+        bit, what the table module returns for their id (the multimodal wrapper embeds ids with
+        it); the others (image features, soft prompts) and ids outside the vocabulary (image
+        placeholders) run layer 0's kept weights. Without ids, every position does."""
+        if ids is None or ids.shape != embeds.shape[:-1]:
+            return CallRows(None, None)
+        inside = (ids >= 0) & (ids < self.table.num_embeddings)
+        ids = ids.where(inside, 0)
+        embedded = ~inside | (embeds != self.table(ids).to(embeds.dtype)).any(dim=-1)
+        return CallRows(self.table.rows(ids), embedded)
+
+
+def ids_along(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Forward pre-hook of a multimodal model: its prompt ids travel along to the language model
+    (`IDS_KWARG`), which the wrapper calls with inputs_embeds only."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        return args, kwargs
+    return args, {**kwargs, IDS_KWARG: input_ids}
 
 
 def forget_call_rows(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -504,8 +531,12 @@ def patch(
     attention = model.get_submodule(parts.attention)
     attention.register_forward_pre_hook(RowsIntoAttention(adapter, kept), with_kwargs=True)
     # Refused at the top as well: the base model may never see inputs_embeds (a merge upstream).
-    refuse_at_top = functools.partial(refuse_embeddings_at_top, kept=keep_layer0)
-    model.register_forward_pre_hook(refuse_at_top, with_kwargs=True)
+    if family_of(family_config(model.config)["model_type"]).is_multimodal:
+        # Its top model takes token_type_ids (Gemma 3's image mask) and embeds the ids itself.
+        model.register_forward_pre_hook(ids_along, with_kwargs=True)
+    else:
+        refuse_at_top = functools.partial(refuse_embeddings_at_top, kept=keep_layer0)
+        model.register_forward_pre_hook(refuse_at_top, with_kwargs=True)
     return model
 
 

@@ -129,7 +129,7 @@ def verify(
     max_new_tokens: int = 32,
 ) -> VerifyReport:
     """Compare a precomputed model with its float32 original on the same left-padded batch."""
-    batch = prompt_batch(tokenizer, prompts, original.config.vocab_size)
+    batch = prompt_batch(tokenizer, prompts, original.config.get_text_config().vocab_size)
     device = precomputed.get_output_embeddings().weight.device  # a host-kept table is not
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["attention_mask"]
