@@ -23,13 +23,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 from torch import nn
 
-from firstlayer.analysis.savings import analyze
 from firstlayer.conversion import convert
 from firstlayer.errors import FirstLayerError
 from firstlayer.hf.loading import save_source
 from firstlayer.mlx.models import legacy_rope_fields
-from firstlayer.tools.bench import PROMPT_ID_LIMIT, LabelledProgress, bench, pair_of
-from firstlayer.vllm.bench import EngineBatch, EngineBenchResult
+from firstlayer.tools.bench import PROMPT_ID_LIMIT, LabelledProgress, pair_of
+from firstlayer.vllm.bench import EngineBenchResult, engine_result
 
 TIMING = "a timer around each step's model call and mx.eval"
 
@@ -69,8 +68,6 @@ def bench_mlx(
     directory (the original as published, the twin with firstlayer convert)."""
     if new_tokens < 3 or repeats < 1 or not batches or min(batches) < 1:
         raise FirstLayerError("bench --engine mlx needs --new-tokens >= 3, --repeats >= 1")
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    analysis = analyze(model.config.to_dict(), accounting="exact")
     generator = torch.Generator().manual_seed(0)
     prompts = {
         batch: mx.array(
@@ -101,32 +98,7 @@ def bench_mlx(
                     progress(f"{name} in mlx-lm: batch {batch}", done, total)
             decode[batch] = pair_of(times)
         del models
-    # The transformers loop on the same models, after mlx-lm's.
-    reference = bench(
-        model,
-        name,
-        batches=batches,
-        new_tokens=new_tokens,
-        prompt_tokens=prompt_tokens,
-        repeats=max(3, repeats // 2),
-    )
-    results = tuple(
-        EngineBatch(
-            batch=batch,
-            decode_ms=decode[batch],
-            decode_ceiling=analysis.decode_ceiling(batch),
-            transformers_tokens_per_s=r.tokens_per_s(),
-        )
-        for batch, r in zip(batches, reference.results, strict=True)
-    )
-    return EngineBenchResult(
-        model=name,
-        engine=f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__}, {mx.default_device()})",
-        dtype=dtype,
-        compiled=False,
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        repeats=repeats,
-        results=results,
-        timing=TIMING,
+    engine = f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__}, {mx.default_device()})"
+    return engine_result(
+        model, name, decode, prompt_tokens, new_tokens, repeats, engine, False, TIMING
     )

@@ -143,7 +143,6 @@ def bench_vllm(
     if new_tokens < 3 or repeats < 1 or not batches or min(batches) < 1:
         raise FirstLayerError("bench --engine vllm needs --new-tokens >= 3, --repeats >= 1")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    analysis = analyze(model.config.to_dict(), accounting="exact")
     generator = torch.Generator().manual_seed(0)
     prompts = {
         batch: [
@@ -184,11 +183,31 @@ def bench_vllm(
                 llm.llm_engine.engine_core.shutdown()
             del engines
             gc.collect()
-    # The transformers loop on the same models, after the engines are gone (two cores).
+    from vllm import __version__
+
+    return engine_result(
+        model, name, decode, prompt_tokens, new_tokens, repeats, f"vLLM {__version__}", compile
+    )
+
+
+def engine_result(
+    model: nn.Module,
+    name: str,
+    decode: dict[int, Pair],
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    engine: str,
+    compiled: bool,
+    timing: str = EngineBenchResult.timing,
+) -> EngineBenchResult:
+    """An engine's decode times per batch, next to the analyser's ceilings and the transformers
+    loop on the same model, same prompts and lengths (run after the engine, on every core)."""
+    analysis = analyze(model.config.to_dict(), accounting="exact")
     reference = bench(
         model,
         name,
-        batches=batches,
+        batches=list(decode),
         new_tokens=new_tokens,
         prompt_tokens=prompt_tokens,
         repeats=max(3, repeats // 2),
@@ -196,21 +215,20 @@ def bench_vllm(
     results = tuple(
         EngineBatch(
             batch=batch,
-            decode_ms=decode[batch],
+            decode_ms=times,
             decode_ceiling=analysis.decode_ceiling(batch),
             transformers_tokens_per_s=r.tokens_per_s(),
         )
-        for batch, r in zip(batches, reference.results, strict=True)
+        for (batch, times), r in zip(decode.items(), reference.results, strict=True)
     )
-    from vllm import __version__
-
     return EngineBenchResult(
         model=name,
-        engine=f"vLLM {__version__}",
-        dtype=dtype,
-        compiled=compile,
+        engine=engine,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        compiled=compiled,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         repeats=repeats,
         results=results,
+        timing=timing,
     )
