@@ -43,7 +43,7 @@ def save_original(model: nn.Module, folder: Path, tokenizer: Any = None) -> Path
     return folder
 
 
-def decode_ms_per_step(model: Any, prompts: mx.array, new_tokens: int) -> float:
+def time_decode_steps(model: Any, prompts: mx.array, new_tokens: int) -> float:
     """Prefill `prompts` (B, T), then time new_tokens - 1 greedy decode steps."""
     cache = make_prompt_cache(model)
     token = mx.argmax(model(prompts, cache=cache)[:, -1:], axis=-1)  # (B, 1)
@@ -87,12 +87,12 @@ def bench_mlx(
         }
         for batch in batches:
             for mlx_model in models.values():  # warm-up, not counted
-                decode_ms_per_step(mlx_model, prompts[batch], new_tokens)
+                time_decode_steps(mlx_model, prompts[batch], new_tokens)
             times: dict[str, list[float]] = {key: [] for key in models}
             for repeat in range(repeats):
                 order = list(models) if repeat % 2 == 0 else list(models)[::-1]
                 for key in order:
-                    times[key].append(decode_ms_per_step(models[key], prompts[batch], new_tokens))
+                    times[key].append(time_decode_steps(models[key], prompts[batch], new_tokens))
                 done += 1
                 if progress:
                     progress(f"{name} in mlx-lm: batch {batch}", done, total)
