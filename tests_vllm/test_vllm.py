@@ -142,6 +142,19 @@ def test_a_folder_with_q_k_norms_in_its_table_serves_the_originals_tokens(folder
     assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
 
 
+def test_a_folder_with_layer0_kept_serves_the_originals_tokens(folders, workdir):
+    """A folder converted with layer 0's q/k/v kept for embedding inputs (`--keep-layer0`): the
+    plugin serves every token from the table and leaves the kept weights unread."""
+    from firstlayer.conversion import convert_source
+
+    original, _ = folders["llama"]
+    kept, _ = convert_source(str(original), workdir / "llama-kept", keep_layer0=True)
+    expected = greedy(original, prompts())
+    got = greedy(kept, prompts())
+    assert got.tokens == expected.tokens
+    assert max_logprob_difference(got, expected) <= LOGPROB_TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def smollm2_folders(smollm2, workdir) -> tuple[Path, Path]:
     from firstlayer.conversion import convert

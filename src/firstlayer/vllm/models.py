@@ -45,7 +45,7 @@ from firstlayer.families import (
     VllmOwnClass,
     family_of,
 )
-from firstlayer.folder import head_norms_in_table, keeps_attn_norm, require_files
+from firstlayer.folder import head_norms_in_table, keeps_attn_norm, kept_layer0, require_files
 from firstlayer.hf.models import as_saved, to_host
 from firstlayer.hf.models import model_class as transformers_class
 from firstlayer.hf.patch import (
@@ -503,9 +503,15 @@ class PrecomputedVllmModel(PrecomputedInVllm):
             self.firstlayer_loaded = True
             return loaded
 
+        # Layer 0's q/k/v kept for embedding inputs (`keep_layer0`), which this plugin does not
+        # take (prompt embeddings are refused at config): the table serves every token.
+        kept = kept_layer0(record)
+
         def renamed() -> Iterable[tuple[str, Tensor]]:
             for name, tensor in seen():
                 block = name.removeprefix(f"{embedding}.")
+                if name.rpartition(".")[0] in kept:
+                    continue
                 if block in (f"residual{SCALE_SUFFIX}", f"qkv{SCALE_SUFFIX}") or (
                     block == "residual" and tensor.dtype == torch.int8
                 ):
