@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import (
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFWriter,
+    quantize,
+)
 
 from firstlayer.llamacpp.export import copy_metadata
 from firstlayer.llamacpp.layer0 import dequantized
@@ -149,6 +156,25 @@ def write_dequantized(reader: GGUFReader, out: Path, kind: GGMLQuantizationType)
         elif data.ndim == 1:
             data = data.astype(np.float32)
         writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def write_requantized(source: Path, out: Path, kind: GGMLQuantizationType) -> Path:
+    """SOURCE (float32) with layer 0's q, k and v weights quantized to `kind` by gguf-py."""
+    reader = GGUFReader(source)
+    writer = GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
+    copy_metadata(reader, writer)
+    projections = {f"blk.0.attn_{p}.weight" for p in "qkv"}
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if tensor.name in projections:
+            writer.add_tensor(tensor.name, quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(tensor.name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -16,6 +16,7 @@ from firstlayer.errors import FirstLayerError
 
 # The patch's one new string in libllama: a build without it has never heard of the table.
 PATCH_MARKER = b"token_qkv"
+F32_TYPE = 0  # ggml's GGML_TYPE_F32
 # What the log keeps of a failed load, for the error message.
 LOG_LINES_KEPT = 40
 
@@ -74,7 +75,11 @@ class Engine:
         n_batch: int = 512,
         n_seq_max: int = 1,
         n_threads: int = 1,
+        kv_cache_f32: bool = False,
     ):
+        """`kv_cache_f32`: keys and values cached in F32 and flash attention off, so that no
+        float16 rounding of q, k or v stands between two files' arithmetic (llama.cpp's default,
+        an F16 cache, turns a float32 rounding difference in k into a float16 one)."""
         import llama_cpp
 
         self.lib = llama_cpp
@@ -89,6 +94,9 @@ class Engine:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
         params.n_seq_max = n_seq_max
         params.n_threads = params.n_threads_batch = n_threads
+        if kv_cache_f32:
+            params.type_k = params.type_v = F32_TYPE
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

@@ -1,12 +1,11 @@
 """Layer 0's token-local part as llama.cpp's graph computes it (arXiv 2402.13388, sections 1 and
 2), from a GGUF file's own tensors: the rows of `token_qkv`, and for a parallel block x + ffn(x).
 
-Computed with numpy in float32, in llama.cpp's order of operations: its norms sum in double, its
-GELU reads a float16 table, and a matmul against F16 or BF16 weights first rounds its input to
-the weights' type (ggml's vec_dot_type). A matmul against quantized weights quantizes its input
-in blocks, which is not followed here: such rows are the float32 ones, so the table equals an
-F32, F16 or BF16 original's layer 0 within float32 rounding, and a quantized one's to within its
-own activation rounding.
+Computed with numpy in float32, in llama.cpp's order of operations on the CPU: its norms sum in
+double, its GELU reads a float16 table, and a matmul first rounds its input to the weights'
+dot-product type (ggml's vec_dot_type): F16 or BF16, or 8-bit blocks (Q8_0, Q8_1, Q8_K) for
+quantized weights, as ggml's quantize_row_* does on x86. The rows then equal the original's own
+layer 0 to float32 rounding, for quantized files too (bit for bit on SmolLM2's Q4_1 file).
 
 q, k and v come out in the order the file's weights give them, which is the order llama.cpp's
 graph reads them in: its converter has already permuted Llama's q/k rows for its rotary layout
@@ -20,6 +19,7 @@ from functools import cache
 
 import numpy as np
 from gguf import (
+    GGML_QUANT_SIZES,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
     MODEL_TENSOR,
@@ -91,13 +91,48 @@ def architecture_of(reader: GGUFReader) -> tuple[MODEL_ARCH, str]:
     return architecture_named(name), str(name)
 
 
-def as_matmul_input(x: np.ndarray, weight_type: GGMLQuantizationType) -> np.ndarray:
-    """x as ggml's matmul reads it against weights of `weight_type`: rounded to F16 or BF16."""
-    if weight_type == F16:
-        return x.astype(np.float16).astype(np.float32)
-    if weight_type == BF16:
-        return dequantize(quantize(x, BF16), BF16).reshape(x.shape)
-    return x
+# The type ggml rounds a matmul's input to for weights of each type (ggml-cpu's vec_dot_type).
+Q = GGMLQuantizationType
+INPUT_TYPES = {
+    Q.F32: Q.F32,
+    Q.F16: Q.F16,
+    Q.BF16: Q.BF16,
+    **{t: Q.Q8_0 for t in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL)},
+    **{t: Q.Q8_1 for t in (Q.Q4_1, Q.Q5_1)},
+    **{t: Q.Q8_K for t in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ2_XXS)},
+    **{t: Q.Q8_K for t in (Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M)},
+}
+Q8_BLOCK, Q8_K_BLOCK = 32, 256
+
+
+def blocks(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, in) -> (N, in / size, size)."""
+    return x.reshape(x.shape[0], -1, size)
+
+
+def q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's quantize_row_q8_0 (and q8_1's quants), on x86: (the rounded input, each block's
+    float32 scale). The codes use 127/amax in float32, the stored scale is amax/127 in float16."""
+    xb = blocks(x, Q8_BLOCK)  # (N, B, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax != 0, np.float32(127) / amax, np.float32(0))
+    codes = np.rint(xb * inverse)  # half to even, as _mm256_round_ps
+    d = amax / np.float32(127)
+    rounded = codes * d.astype(np.float16).astype(np.float32)
+    return rounded.reshape(x.shape), (codes.sum(axis=-1) * d[..., 0])
+
+
+def q8_k(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q8_K_ref: scale -127/x_max (x_max the first value of largest |x|),
+    codes rounded half to even and capped at 127, the scale's inverse kept in float32."""
+    xb = blocks(x, Q8_K_BLOCK)  # (N, B, 256)
+    first = np.abs(xb).argmax(axis=-1)[..., None]
+    peak = np.take_along_axis(xb, first, axis=-1)
+    with np.errstate(divide="ignore"):
+        scale = np.where(peak != 0, np.float32(-127) / peak, np.float32(0))
+        inverse = np.where(peak != 0, np.float32(1) / scale, np.float32(0))
+    return (np.minimum(np.rint(scale * xb), 127) * inverse).reshape(x.shape)
 
 
 def rms_norm(x: np.ndarray, eps: float) -> np.ndarray:
@@ -164,7 +199,7 @@ class Layer0:
             self.ffn_norm = self.affine(MODEL_TENSOR.FFN_NORM)
             self.ffn_up = self.linear(MODEL_TENSOR.FFN_UP)
             self.ffn_down = self.linear(MODEL_TENSOR.FFN_DOWN)
-        self.qkv_width = sum(weight.shape[0] for _, weight, _ in self.projections)
+        self.qkv_width = sum(p.weight.shape[0] for p in self.projections)
 
     def read(self, name: str, required: bool = True) -> np.ndarray | None:
         tensor = self.tensors.get(name)
@@ -178,13 +213,13 @@ class Layer0:
     def affine(self, kind: MODEL_TENSOR) -> tuple[np.ndarray, np.ndarray | None]:
         return self.read(tensor_name(kind)), self.read(tensor_name(kind, "bias"), required=False)
 
-    def linear(self, kind: MODEL_TENSOR) -> tuple[GGMLQuantizationType, np.ndarray, np.ndarray]:
-        """(the weight's type, the weight (out, in) in float32, its bias or None)."""
+    def linear(self, kind: MODEL_TENSOR) -> Linear:
         name = tensor_name(kind)
         if name not in self.tensors:
             raise FirstLayerError(f"the GGUF file has no {name}: it is incomplete")
-        weight_type = self.tensors[name].tensor_type
-        return weight_type, self.read(name), self.read(tensor_name(kind, "bias"), required=False)
+        self.read(name)
+        bias = self.read(tensor_name(kind, "bias"), required=False)
+        return Linear(self.tensors[name], bias)
 
     def embedding_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop of token_embd as llama.cpp's get_rows gives them: (N, D) float32."""
@@ -195,14 +230,14 @@ class Layer0:
         """token_qkv's rows for embedding rows x (N, D): q | k | v, (N, qkv_width)."""
         weight, bias = self.attn_norm
         normed = apply_affine(self.norm(x, self.eps), weight, bias)
-        return np.concatenate([matmul(normed, *p) for p in self.projections], axis=-1)
+        return np.concatenate([p(normed) for p in self.projections], axis=-1)
 
     def residual(self, x: np.ndarray) -> np.ndarray:
         """token_embd's rows of a parallel block: x + ffn(ffn_norm(x)), (N, D)."""
         assert self.is_parallel
         weight, bias = self.ffn_norm
         normed = apply_affine(self.norm(x, self.eps), weight, bias)
-        return matmul(gelu(matmul(normed, *self.ffn_up)), *self.ffn_down) + x
+        return self.ffn_down(gelu(self.ffn_up(normed))) + x
 
 
 def dequantized(tensor: ReaderTensor, rows: slice | None = None) -> np.ndarray:
@@ -216,9 +251,43 @@ def apply_affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> 
     return x if bias is None else x + bias
 
 
-def matmul(
-    x: np.ndarray, weight_type: GGMLQuantizationType, weight: np.ndarray, bias: np.ndarray | None
-) -> np.ndarray:
-    """x @ W^T (+ b) as ggml_mul_mat (then ggml_add) gives it; (N, in) -> (N, out)."""
-    y = as_matmul_input(x, weight_type) @ weight.T
-    return y if bias is None else y + bias
+class Linear:
+    """x @ W^T (+ b) as ggml_mul_mat (then ggml_add) computes it on the CPU: the input rounded to
+    the weights' dot-product type first (F16, BF16, or 8-bit blocks for quantized weights)."""
+
+    def __init__(self, tensor: ReaderTensor, bias: np.ndarray | None):
+        self.type = tensor.tensor_type
+        if self.type not in INPUT_TYPES:
+            raise FirstLayerError(f"{tensor.name} is {self.type.name}: not a type layer 0 reads")
+        self.input_type = INPUT_TYPES[self.type]
+        self.bias = bias
+        self.weight = dequantized(tensor)  # (out, in)
+        self.block_mins = None
+        if self.input_type == Q.Q8_1:
+            # Q4_1, Q5_1: w = d*q + m per block, and ggml adds m times the input block's sum
+            # (Q8_1's s, rounded to float16) apart from d*q times the codes
+            raw = np.array(tensor.data).reshape(
+                tensor.data.shape[0], -1, GGML_QUANT_SIZES[self.type][1]
+            )
+            self.block_mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            raw[..., 2:4] = 0
+            self.weight = np.ascontiguousarray(
+                dequantize(raw.reshape(tensor.data.shape), self.type)
+            )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # (N, in) -> (N, out)
+        if self.input_type in (Q.F16, Q.BF16):
+            y = (
+                dequantize(quantize(x, self.input_type), self.input_type).reshape(x.shape)
+                @ self.weight.T
+            )
+        elif self.input_type in (Q.Q8_0, Q.Q8_1):
+            rounded, sums = q8_0(x)
+            y = rounded @ self.weight.T
+            if self.block_mins is not None:
+                y = y + sums.astype(np.float16).astype(np.float32) @ self.block_mins.T
+        elif self.input_type == Q.Q8_K:
+            y = q8_k(x) @ self.weight.T
+        else:
+            y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
