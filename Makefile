@@ -8,7 +8,7 @@ OLDEST_TRANSFORMERS := 5.19.0
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm llama-cpp demo test test-vllm test-oldest lint bench clean
+.PHONY: setup setup-vllm llama-cpp llama-cpp-stock demo test test-vllm test-oldest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ $(LLAMA_CPP_STAMP): $(STAMP)
 	touch $@
 
 llama-cpp: $(LLAMA_CPP_STAMP)
+
+# The same build without the patch, cached but not installed: for the test that a stock llama.cpp
+# refuses a precomputed file (it skips, saying so, where none is cached).
+llama-cpp-stock: $(STAMP)
+	STOCK=1 sh llama.cpp/build.sh $(PY)
 
 setup-vllm: $(VLLM_VENV)/.installed
 

@@ -4,6 +4,10 @@ runs it with the original's logits, over a prompt, KV-cached decoding and batche
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from firstlayer.analysis.gguf_header import read_gguf_header
 from firstlayer.analysis.sources import default_gguf_path
 from firstlayer.cli import main
 from firstlayer.errors import FirstLayerError
+from firstlayer.llamacpp.converter import cache_root
 from firstlayer.llamacpp.engine import F32_TYPE, Engine, patched_build_problem
 from firstlayer.llamacpp.export import copy_metadata, export_gguf
 
@@ -203,6 +208,38 @@ def test_a_table_of_the_wrong_width_is_refused_by_llama_cpp(tiny, tmp_path):
     writer.close()
     with pytest.raises(FirstLayerError, match="token_qkv"):
         Engine(narrow)
+
+
+def stock_wheel() -> Path | None:
+    """A llama-cpp-python wheel built without the patch (`make llama-cpp-stock`), if cached."""
+    wheels = sorted((cache_root() / "llama-cpp").glob("*-stock/llama_cpp_python-*.whl"))
+    return wheels[0] if wheels else None
+
+
+STOCK_WHEEL = stock_wheel()
+
+
+@pytest.mark.skipif(
+    STOCK_WHEEL is None,
+    reason="no stock llama-cpp-python build is cached: `make llama-cpp-stock` builds one",
+)
+def test_a_stock_llama_cpp_refuses_the_precomputed_file(tiny_models, tmp_path):
+    """Unpatched, llama.cpp runs the original and refuses its precomputed twin while loading:
+    layer 0's norm and q/k/v are missing. It never runs it."""
+    original, precomputed = tiny_models("llama")
+    with zipfile.ZipFile(STOCK_WHEEL) as wheel:
+        wheel.extractall(tmp_path / "stock")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stock")}
+    script = "import sys; from llama_cpp import Llama; Llama(sys.argv[1], n_ctx=64).eval([256, 72])"
+
+    def load(path: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", script, str(path)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert load(original).returncode == 0
+    refused = load(precomputed)
+    assert refused.returncode != 0
+    assert "missing tensor 'blk.0.attn_norm.weight'" in refused.stderr
 
 
 def test_cli_convert_writes_a_gguf_for_an_out_ending_in_gguf(tiny_models, tmp_path, capsys):

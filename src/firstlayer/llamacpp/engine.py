@@ -124,6 +124,8 @@ class Engine:
             if status != 0:
                 raise FirstLayerError(f"llama_decode returned {status}: {self.log.errors()}")
             rows = [i for i in range(n) if logits[i]]
+            if not rows:
+                return np.empty((0, self.n_vocab), np.float32)
             return np.stack(
                 [
                     np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, i), (self.n_vocab,))
