@@ -57,6 +57,15 @@ class Shape:
         return self.d // self.heads
 
 
+def written(writer: GGUFWriter, path: Path) -> Path:
+    """Write out what `writer` was given, all in memory, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def add_tokenizer(writer: GGUFWriter, vocab: int) -> None:
     # llama.cpp wants at least one merge: "a b", whose result is the token after eos
     tokens = byte_tokens() + ["<bos>", "<eos>", "ab"]
@@ -134,11 +143,7 @@ def write_tiny(
             writer.add_tensor(f"{blk}.ffn_up.bias", randn(ffn))
             writer.add_tensor(f"{blk}.ffn_down.weight", randn(d, ffn))
             writer.add_tensor(f"{blk}.ffn_down.bias", randn(d))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return written(writer, path)
 
 
 def write_dequantized(reader: GGUFReader, out: Path, kind: GGMLQuantizationType) -> Path:
@@ -156,11 +161,7 @@ def write_dequantized(reader: GGUFReader, out: Path, kind: GGMLQuantizationType)
         elif data.ndim == 1:
             data = data.astype(np.float32)
         writer.add_tensor(tensor.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return written(writer, out)
 
 
 def write_requantized(source: Path, out: Path, kind: GGMLQuantizationType) -> Path:
@@ -175,8 +176,4 @@ def write_requantized(source: Path, out: Path, kind: GGMLQuantizationType) -> Pa
             writer.add_tensor(tensor.name, quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(tensor.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    return written(writer, out)

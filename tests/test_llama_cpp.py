@@ -140,22 +140,20 @@ def test_the_export_replaces_layer0_with_token_qkv_and_says_so(tiny):
     assert same != is_parallel  # a parallel block's token_embd holds x + ffn(x)
 
 
-@needs_patched_build
-def test_precomputed_logits_and_greedy_tokens_match_the_original(tiny):
-    original, precomputed = tiny
-    expected_logits, expected_tokens = run_llama(original, PROMPT, DECODE_STEPS)
-    logits, tokens = run_llama(precomputed, PROMPT, DECODE_STEPS)
-    assert relative_error(logits, expected_logits) < FLOAT32_TOLERANCE
+def assert_decodes_alike(original: Path, precomputed: Path, tolerance: float, f32: bool = True):
+    """The same greedy tokens over PROMPT and DECODE_STEPS KV-cached steps, and every logit
+    within `tolerance` of the largest; keys and values cached in F32 or llama.cpp's F16."""
+    expected_logits, expected_tokens = run_llama(original, PROMPT, DECODE_STEPS, f32)
+    logits, tokens = run_llama(precomputed, PROMPT, DECODE_STEPS, f32)
+    assert relative_error(logits, expected_logits) < tolerance
     assert tokens == expected_tokens
 
 
 @needs_patched_build
-def test_with_llama_cpps_default_f16_cache_too(tiny):
-    original, precomputed = tiny
-    expected_logits, expected_tokens = run_llama(original, PROMPT, DECODE_STEPS, False)
-    logits, tokens = run_llama(precomputed, PROMPT, DECODE_STEPS, False)
-    assert relative_error(logits, expected_logits) < F16_CACHE_TOLERANCE
-    assert tokens == expected_tokens
+@pytest.mark.parametrize("cache", ["f32", "f16"])
+def test_precomputed_logits_and_greedy_tokens_match_the_original(tiny, cache):
+    tolerance = FLOAT32_TOLERANCE if cache == "f32" else F16_CACHE_TOLERANCE
+    assert_decodes_alike(*tiny, tolerance, cache == "f32")
 
 
 @needs_patched_build
@@ -166,10 +164,7 @@ def test_quantized_projections_are_followed_as_ggml_rounds_their_input(tiny_mode
     float32 input instead, the rows would miss by that rounding (1.4e-3 of the logits)."""
     original = write_requantized(tiny_models("llama")[0], tmp_path / "original.gguf", kind)
     precomputed = export_gguf(original, tmp_path / "precomputed.gguf", "F32").out
-    expected_logits, expected_tokens = run_llama(original, PROMPT, DECODE_STEPS)
-    logits, tokens = run_llama(precomputed, PROMPT, DECODE_STEPS)
-    assert relative_error(logits, expected_logits) < FLOAT32_TOLERANCE
-    assert tokens == expected_tokens
+    assert_decodes_alike(original, precomputed, FLOAT32_TOLERANCE)
 
 
 @needs_patched_build

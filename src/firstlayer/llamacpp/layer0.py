@@ -213,13 +213,13 @@ class Layer0:
     def affine(self, kind: MODEL_TENSOR) -> tuple[np.ndarray, np.ndarray | None]:
         return self.read(tensor_name(kind)), self.read(tensor_name(kind, "bias"), required=False)
 
-    def linear(self, kind: MODEL_TENSOR) -> Linear:
+    def linear(self, kind: MODEL_TENSOR) -> GGMLLinear:
         name = tensor_name(kind)
         if name not in self.tensors:
             raise FirstLayerError(f"the GGUF file has no {name}: it is incomplete")
         self.read(name)
         bias = self.read(tensor_name(kind, "bias"), required=False)
-        return Linear(self.tensors[name], bias)
+        return GGMLLinear(self.tensors[name], bias)
 
     def embedding_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop of token_embd as llama.cpp's get_rows gives them: (N, D) float32."""
@@ -251,7 +251,7 @@ def apply_affine(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> 
     return x if bias is None else x + bias
 
 
-class Linear:
+class GGMLLinear:
     """x @ W^T (+ b) as ggml_mul_mat (then ggml_add) computes it on the CPU: the input rounded to
     the weights' dot-product type first (F16, BF16, or 8-bit blocks for quantized weights)."""
 
