@@ -342,6 +342,20 @@ def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
         not_served_class("mpt")(vllm_config=None)
 
 
+def test_a_multimodal_folder_is_refused_by_name():
+    """Multimodal folders (transformers only, for now) get a class that says so, rather than
+    vLLM's family class built on a config whose language model is under text_config."""
+    from vllm import ModelRegistry
+
+    from firstlayer.vllm.models import architecture, vllm_model_class
+
+    name = architecture("llava")
+    assert name == "FirstLayerLlavaForConditionalGeneration"
+    assert name in ModelRegistry.get_supported_archs()
+    with pytest.raises(FirstLayerError, match="does not serve llava .multimodal.*ImageTextToText"):
+        vllm_model_class("llava")(vllm_config=None)
+
+
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):
     from firstlayer.analysis.savings import analyze
     from firstlayer.hf import adopt  # noqa: F401  (registers the precomputed classes)

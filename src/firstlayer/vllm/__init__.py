@@ -13,7 +13,7 @@ def register() -> None:
     """The plugin: precomputed configs with transformers, precomputed models with vLLM."""
     from vllm import ModelRegistry
 
-    from firstlayer.families import SUPPORTED_TYPES
+    from firstlayer.families import MULTIMODAL_TYPES, SUPPORTED_TYPES
     from firstlayer.hf.models import register_with_transformers
     from firstlayer.vllm.checks import register_engine_checks
     from firstlayer.vllm.lora import guard_front_end
@@ -25,7 +25,7 @@ def register() -> None:
     guard_updates()
     # Every family the converter supports: those the plugin does not serve get a class that
     # refuses with the reason, rather than vLLM's "architecture not supported".
-    names = [architecture(model_type) for model_type in SUPPORTED_TYPES]
+    names = [architecture(t) for t in (*SUPPORTED_TYPES, *MULTIMODAL_TYPES)]
     for name in names:
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import (
+    MULTIMODAL_TYPES,
     SUPPORTED_TYPES,
     VllmBackend,
     VllmNotServed,
@@ -773,8 +774,13 @@ def expected_tensors(
 def architecture(model_type: str) -> str:
     """The `architectures` entry of a converted folder of this family (as the transformers side
     writes it): FirstLayer + the family's transformers class, which is also vLLM's name for it."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
+    if model_type in MULTIMODAL_TYPES:
+        return f"FirstLayer{MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]}"
     return f"FirstLayer{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}"
 
 
@@ -820,7 +826,8 @@ class NotServed(nn.Module):
         raise FirstLayerError(
             f"firstlayer's vLLM plugin does not serve {self.model_type} ({reason}); it serves "
             f"{served}. Run this folder with transformers (`import firstlayer`, then "
-            "AutoModelForCausalLM.from_pretrained)"
+            "AutoModelForCausalLM.from_pretrained, AutoModelForImageTextToText for a multimodal "
+            "folder)"
         )
 
     # What vLLM's inspection looks for in a text-generation model; never reached.
@@ -848,7 +855,7 @@ def not_served_class(model_type: str) -> type:
 
 def __getattr__(name: str) -> type:
     """vLLM's registry names classes as "firstlayer.vllm.models:<class>"; they are made here."""
-    for model_type in SUPPORTED_TYPES:
+    for model_type in (*SUPPORTED_TYPES, *MULTIMODAL_TYPES):
         if name == architecture(model_type):
             return vllm_model_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
