@@ -302,6 +302,11 @@ def kept_layer0_record(model: nn.Module, planned: Plan, dtype: torch.dtype) -> d
     modules = [model.get_submodule(name) for name in parts.projections]
     if why is None and not all(type(m) is nn.Linear for m in modules):
         why = "its layer-0 projections are not plain Linear modules"
+    if why is not None and family_of(planned.model_type).is_multimodal:
+        raise FirstLayerError(
+            f"a {planned.model_type} model keeps layer 0's q/k/v for its image positions, but "
+            f"{why}: convert an unquantized checkpoint"
+        )
     if why is not None:
         raise FirstLayerError(
             f"keep_layer0 (--keep-layer0) on a {planned.model_type} model: {why}; convert it "
