@@ -300,8 +300,8 @@ SMOLLM2_PROMPT = b"The capital of France is Paris. The capital of Germany is"
 
 @pytest.fixture(scope="module")
 def smollm2_files(tmp_path_factory) -> dict[str, Path]:
-    """The shipped file (Q4_1, its embedding Q8_0), its F32 dequantisation, and exports: each
-    with an F32 table, and the shipped one with its default table (Q8_0, the embedding's)."""
+    """The shipped file (Q4_1, its embedding Q8_0), its F32 dequantisation, and each one's
+    export with an F32 table. Narrower tables: benchmarks/llama_cpp_agreement.py."""
     folder = tmp_path_factory.mktemp("smollm2-gguf")
     shipped = default_gguf_path()
     f32 = write_dequantized(GGUFReader(shipped), folder / "F32.gguf", GGMLQuantizationType.F32)
@@ -310,7 +310,6 @@ def smollm2_files(tmp_path_factory) -> dict[str, Path]:
         "F32+table": export_gguf(f32, folder / "F32-pre.gguf", "F32").out,
         "Q4_1": shipped,
         "Q4_1+table": export_gguf(shipped, folder / "Q4_1-pre.gguf", "F32").out,
-        "Q4_1+Q8_0": export_gguf(shipped, folder / "Q4_1-Q8_0.gguf").out,
     }
 
 
@@ -348,21 +347,3 @@ def test_smollm2_shipped_q4_1_precomputed_decodes_as_the_original(smollm2_files)
     logits, tokens = run_llama(smollm2_files["Q4_1+table"], prompt, DECODE_STEPS)
     assert tokens == expected_tokens
     assert relative_error(logits, expected_logits) < QUANTIZED_TOLERANCE
-
-
-# A Q8_0 table rounds layer 0's q, k, v (and llama.cpp's default F16 cache rounds k, v again):
-# greedy decoding parts from the original's only after a while (README, "Running it in
-# llama.cpp": agreement of every table type measured).
-GREEDY_STEPS = 32
-GREEDY_AGREED_AT_LEAST = 8
-
-
-@needs_patched_build
-def test_smollm2_shipped_file_with_a_q8_0_table_decodes_alike(smollm2_files):
-    prompt = smollm2_prompt(smollm2_files["F32"])
-    _, expected = run_llama(smollm2_files["Q4_1"], prompt, GREEDY_STEPS, False)
-    _, tokens = run_llama(smollm2_files["Q4_1+Q8_0"], prompt, GREEDY_STEPS, False)
-    pairs = zip(tokens, expected, strict=True)
-    agreed = next((i for i, (a, b) in enumerate(pairs) if a != b), GREEDY_STEPS)
-    print(f"Q4_1 with a Q8_0 table: the first {agreed} of {GREEDY_STEPS} greedy tokens agree")
-    assert agreed >= GREEDY_AGREED_AT_LEAST
