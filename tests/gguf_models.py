@@ -81,7 +81,12 @@ def add_tokenizer(writer: GGUFWriter, vocab: int) -> None:
 
 
 def write_tiny(
-    path: Path, arch: MODEL_ARCH, shape: Shape = Shape(), seed: int = 0, dtype: type = np.float32
+    path: Path,
+    arch: MODEL_ARCH,
+    shape: Shape = Shape(),
+    seed: int = 0,
+    dtype: type = np.float32,
+    tied: bool = False,
 ) -> Path:
     """A random model of `shape`; norms and biases perturbed so none is a no-op; matrices in
     `dtype` (float32 or float16), norms and biases in float32. Llama: GQA, tied head (no
@@ -129,7 +134,8 @@ def write_tiny(
         writer.add_bool(f"{name}.use_parallel_residual", True)
         writer.add_tensor("output_norm.weight", norm())
         writer.add_tensor("output_norm.bias", randn(d))
-        writer.add_tensor("output.weight", randn(vocab, d))
+        if not tied:  # llama.cpp's GPT-NeoX graph wants its own head; the export reads either
+            writer.add_tensor("output.weight", randn(vocab, d))
         for i in range(shape.layers):
             blk = f"blk.{i}"
             for kind in ("attn_norm", "ffn_norm"):

@@ -205,6 +205,20 @@ def test_a_table_of_the_wrong_width_is_refused_by_llama_cpp(tiny, tmp_path):
         Engine(narrow)
 
 
+def test_a_parallel_blocks_tied_head_keeps_the_plain_embedding(tmp_path):
+    """Where token_embd comes to hold x + ffn(x), a head tied to it gets the plain rows as
+    `output` (llama.cpp's GPT-NeoX graph has its own head; a tied parallel graph would not)."""
+    original = write_tiny(tmp_path / "tied.gguf", MODEL_ARCH.GPTNEOX, tied=True)
+    export = export_gguf(original, tmp_path / "precomputed.gguf", "F32")
+    header = read_gguf_header(export.out)
+    assert "output.weight" not in read_gguf_header(original).tensors
+    assert header.metadata["firstlayer.untied_output"] is True
+    with open(export.out, "rb") as file:
+        file.seek(header.data_start + header.tensor_offsets["output.weight"])
+        head = file.read(4 * VOCAB * 64)
+    assert head == embedding_bytes(original) != embedding_bytes(export.out)
+
+
 def stock_wheel() -> Path | None:
     """A llama-cpp-python wheel built without the patch (`make llama-cpp-stock`), if cached."""
     wheels = sorted((cache_root() / "llama-cpp").glob("*-stock/llama_cpp_python-*.whl"))
