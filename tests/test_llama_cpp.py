@@ -248,7 +248,7 @@ def test_a_stock_llama_cpp_refuses_the_precomputed_file(tiny_models, tmp_path):
     assert load(original).returncode == 0
     refused = load(precomputed)
     assert refused.returncode != 0
-    assert "missing tensor 'blk.0.attn_norm.weight'" in refused.stderr
+    assert "tensor 'blk.0.attn_norm.weight' not found" in refused.stderr
 
 
 def test_cli_convert_writes_a_gguf_for_an_out_ending_in_gguf(tiny_models, tmp_path, capsys):
