@@ -80,9 +80,36 @@ CONFIGS = {
         vision_start_token_id=252,
         vision_end_token_id=253,
     ),
+    # Deepstack: visual features added after layer 0 (not before it), q/k norms at run time.
+    "qwen3_vl": dict(
+        text_config=dict(
+            TEXT,
+            model_type="qwen3_vl_text",
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="default", mrope_section=[2, 3, 3], rope_theta=1e4, mrope_interleaved=True
+            ),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=251,
+        vision_start_token_id=252,
+        vision_end_token_id=253,
+    ),
 }
 # Image placeholder tokens per image, as each tiny vision tower and projector make them.
-TOKENS_PER_IMAGE = {"gemma3": 4, "llava": 16, "mistral3": 4, "qwen2_5_vl": 4}
+TOKENS_PER_IMAGE = {"gemma3": 4, "llava": 16, "mistral3": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
 NEW_TOKENS = 6
 
 
@@ -114,11 +141,13 @@ def prompt(model_type: str, images: int, seed: int = 1) -> dict:
     inputs: dict = {"input_ids": torch.tensor([ids])}
     if images == 0:
         return inputs
-    if model_type == "qwen2_5_vl":  # 4 x 4 patches of 4 x 4 pixels, 2 frames, merged 2 x 2
+    if model_type.startswith("qwen"):  # 4 x 4 patches of 4 x 4 pixels, 2 frames, merged 2 x 2
         pixels = torch.randn(16 * images, 3 * 2 * 4 * 4, generator=generator)
         inputs |= {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 4, 4]] * images)}
     else:
         inputs["pixel_values"] = torch.randn(images, 3, 32, 32, generator=generator)
+    if model_type == "qwen3_vl":  # M-RoPE positions from the placeholders' types
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE).long()
     if model_type == "mistral3":
         inputs["image_sizes"] = torch.tensor([[32, 32]] * images)
     return inputs

@@ -1,5 +1,5 @@
-"""Multimodal checkpoints (Gemma 3, LLaVA, Mistral 3, Qwen2.5-VL): a vision tower and a projector
-beside a language model of a family declared here, under `model.language_model`.
+"""Multimodal checkpoints (Gemma 3, LLaVA, Mistral 3, Qwen2.5-VL, Qwen3-VL): a vision tower and a
+projector beside a language model of a family declared here, under `model.language_model`.
 
 The wrapper embeds the prompt's ids with the language model's embedding, scatters the image
 features into the image placeholders and calls the language model with inputs_embeds. Token
@@ -22,10 +22,14 @@ if TYPE_CHECKING:
 
 LANGUAGE_MODEL = "model.language_model"
 # Text model types whose declaration is another's: Qwen2.5-VL's text model has Qwen 2's layer.
-TEXT_FAMILIES = {"qwen2_5_vl_text": "qwen2"}
+TEXT_FAMILIES = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 # The language model's type where a config.json does not name it: Gemma 3's text_config, and
 # older Qwen2.5-VL files, which keep the language model at the top level.
-TEXT_TYPES = {"gemma3": "gemma3_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+TEXT_TYPES = {
+    "gemma3": "gemma3_text",
+    "qwen2_5_vl": "qwen2_5_vl_text",
+    "qwen3_vl": "qwen3_vl_text",
+}
 
 
 class LanguageModel:
@@ -71,7 +75,13 @@ def renamed(parts: Parts, rename: Callable[[str], str]) -> Parts:
 class Multimodal(Family):
     """An image-text-to-text model whose language model is of a declared family."""
 
-    model_types: ClassVar[tuple[str, ...]] = ("gemma3", "llava", "mistral3", "qwen2_5_vl")
+    model_types: ClassVar[tuple[str, ...]] = (
+        "gemma3",
+        "llava",
+        "mistral3",
+        "qwen2_5_vl",
+        "qwen3_vl",
+    )
     is_multimodal = True
     notes = "vision tower and projector kept; image positions run layer 0's kept norm and q/k/v"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {t: {} for t in model_types}
