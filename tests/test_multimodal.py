@@ -308,3 +308,21 @@ def test_pipeline_image_text_to_text_answers_as_the_original(tmp_path):
         answers.append((type(runner.model).__name__, generated[0]["generated_text"]))
     assert answers[1][0] == "FirstLayerLlavaForConditionalGeneration"
     assert answers[1][1] == answers[0][1] and len(answers[0][1].split()) == NEW_TOKENS
+
+
+def test_analyze_reads_a_multimodal_config_as_it_is_and_counts_the_kept_weights():
+    """A config.json as released: Qwen2.5-VL's older files keep the language model at the top
+    level, newer ones (and Gemma 3's) under text_config. Nothing of layer 0 leaves the model: the
+    table adds to it."""
+    from firstlayer.analysis.savings import analyze
+
+    text = dict(TEXT, num_attention_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    vision = {"depth": 1, "hidden_size": 32}
+    for config in (
+        {"model_type": "qwen2_5_vl", **text, "vision_config": vision},
+        {"model_type": "qwen2_5_vl", "text_config": text, "vision_config": vision},
+    ):
+        analysis = analyze(config, accounting="exact")
+        assert (analysis.dims.model_type, analysis.dims.keeps_layer0) == ("qwen2", True)
+        assert analysis.memory.decrease == 0
+        assert analysis.memory.net == analysis.memory.increase == 256 * (64 + 2 * 32)
