@@ -170,15 +170,23 @@ def write_dequantized(reader: GGUFReader, out: Path, kind: GGMLQuantizationType)
     return written(writer, out)
 
 
-def write_requantized(source: Path, out: Path, kind: GGMLQuantizationType) -> Path:
-    """SOURCE (float32) with layer 0's q, k and v weights quantized to `kind` by gguf-py."""
+def write_requantized(
+    source: Path, out: Path, kind: GGMLQuantizationType, donor: Path | None = None
+) -> Path:
+    """SOURCE (float32) with layer 0's q, k and v weights quantized to `kind` by gguf-py, or
+    taken from `donor`, the same model quantized by llama.cpp (gguf-py writes no K-quants)."""
     reader = GGUFReader(source)
     writer = GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
     copy_metadata(reader, writer)
     projections = {f"blk.0.attn_{p}.weight" for p in "qkv"}
+    donated = {t.name: t for t in GGUFReader(donor).tensors} if donor else {}
     for tensor in reader.tensors:
         data = np.array(tensor.data)
-        if tensor.name in projections:
+        if tensor.name in projections and donor:
+            given = donated[tensor.name]
+            assert given.tensor_type == kind, (given.name, given.tensor_type)
+            writer.add_tensor(tensor.name, np.array(given.data), raw_dtype=kind)
+        elif tensor.name in projections:
             writer.add_tensor(tensor.name, quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(tensor.name, data)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFReader, GGUFWriter
-from gguf_models import VOCAB, write_dequantized, write_requantized, write_tiny
+from gguf_models import VOCAB, Shape, write_dequantized, write_requantized, write_tiny
 
 from firstlayer.analysis.gguf_header import read_gguf_header
 from firstlayer.analysis.sources import default_gguf_path
@@ -42,6 +42,7 @@ F16_CACHE_TOLERANCE = 2e-4
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # bos, then bytes
 DECODE_STEPS = 12
 ARCHS = {"llama": MODEL_ARCH.LLAMA, "gptneox": MODEL_ARCH.GPTNEOX}
+Q4_K_M = 15  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +157,31 @@ def test_precomputed_logits_and_greedy_tokens_match_the_original(tiny, cache):
     assert_decodes_alike(*tiny, tolerance, cache == "f32")
 
 
+def quantized_by_llama_cpp(source: Path, out: Path, ftype: int) -> Path:
+    """SOURCE quantized by llama.cpp's own quantizer (a llama_ftype: 15 is Q4_K_M)."""
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 1
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
+    return out
+
+
 @needs_patched_build
-@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "Q4_K"])
 def test_quantized_projections_are_followed_as_ggml_rounds_their_input(tiny_models, kind, tmp_path):
     """Layer 0's q, k, v weights quantized: ggml multiplies them by its input rounded to 8-bit
-    blocks (Q8_0; Q8_1 with block sums for Q4_1), and the table does the same. Computed from the
-    float32 input instead, the rows would miss by that rounding (1.4e-3 of the logits)."""
-    original = write_requantized(tiny_models("llama")[0], tmp_path / "original.gguf", kind)
+    blocks (Q8_0; Q8_1 with block sums for Q4_1; Q8_K for K-quants), and the table does the same.
+    Computed from the float32 input instead, the rows would miss by that rounding (1.4e-3 of the
+    logits for Q8_0 and Q4_1)."""
+    source, donor = tiny_models("llama")[0], None
+    if kind == "Q4_K":  # K-quants' rows hold 256-value blocks, and llama.cpp writes them
+        source = write_tiny(tmp_path / "wide.gguf", MODEL_ARCH.LLAMA, Shape(d=256, ffn=512))
+        donor = quantized_by_llama_cpp(source, tmp_path / "q4_k_m.gguf", Q4_K_M)
+    original = write_requantized(
+        source, tmp_path / "original.gguf", GGMLQuantizationType[kind], donor
+    )
     precomputed = export_gguf(original, tmp_path / "precomputed.gguf", "F32").out
     assert_decodes_alike(original, precomputed, FLOAT32_TOLERANCE)
 
