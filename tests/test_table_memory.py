@@ -327,3 +327,60 @@ def test_table_memory_is_one_of_the_named_placements(tmp_path):
     with pytest.warns(FutureWarning, match="'pinned' is now called 'host'"):
         renamed = load(out, table_memory="pinned")
     assert renamed.get_input_embeddings().host_blocks == {"qkv"}
+
+
+def test_q_and_k_stored_before_their_norm_get_an_int8_scale_per_head(tmp_path):
+    """A serial Qwen3's table holds q and k before the per-head norm its model runs (format 6);
+    the norm scales each head to the same size, so a head quantized on the scale of a larger
+    one would come out of it with that larger one's error: each head gets its own scale, and
+    what attention sees after the norm stays within int8's error, however the heads' sizes
+    differ (trained models' do)."""
+    from firstlayer.analysis.placement import placements
+    from firstlayer.analysis.savings import analyze
+
+    qwen3 = next(f for f in FAMILIES if f.id == "qwen3")
+    original = build_tiny(qwen3)
+    config = original.config
+    heads, kv_heads, head_dim = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    attention = original.model.layers[0].self_attn
+    with torch.no_grad():  # heads from 1x to 30x the smallest one's size
+        sizes = torch.logspace(0, 1.5, heads)
+        attention.q_proj.weight.view(heads, head_dim, -1).mul_(sizes[:, None, None])
+        attention.k_proj.weight.view(kv_heads, head_dim, -1).mul_(sizes[:kv_heads, None, None])
+    exact = load(convert(clone(original), tmp_path / "float32"))
+    out = convert(clone(original), tmp_path / "int8", table_dtype="int8")
+    table = json.loads((out / "config.json").read_text())["firstlayer"]["table"]
+    assert table["scale_width"] == head_dim
+    with safe_open(out / WEIGHTS_FILE, "pt") as weights:
+        module = table["module"]
+        assert weights.get_tensor(f"{module}.qkv_scale").shape == (
+            config.vocab_size,
+            heads + 2 * kv_heads,
+        )
+        stored = (
+            sum(
+                weights.get_tensor(f"{module}.{n}").nbytes for n in ("qkv", "qkv_scale", "residual")
+            )
+            - weights.get_tensor(f"{module}.residual").nbytes
+        )  # the embedding itself
+    int8 = next(
+        p
+        for p in placements(analyze(config.to_dict(), accounting="exact"))
+        if p.table_dtype == "int8"
+    )
+    assert int8.table_bytes == stored
+    ids = torch.arange(config.vocab_size)[None]
+
+    def normed_q(model):
+        rows = model.get_input_embeddings().rows(ids)[0, :, : heads * head_dim]
+        norm = model.model.layers[0].self_attn.q_norm
+        return norm(rows.unflatten(-1, (heads, head_dim)))  # what RoPE and attention receive
+
+    with torch.no_grad():
+        error = (normed_q(load(out)) - normed_q(exact)).abs().max().item()
+    # int8's own bound on a head normed to RMS 1 (gains ~1): 127 steps of its largest entry.
+    assert error < 0.05, error

@@ -84,7 +84,7 @@ def test_a_fresh_interpreter_finds_the_precomputed_class_by_entry_point(
 # Serial with q, k and v scaled apart (Llama); parallel with an int8 residual block and one fused
 # q/k/v projection that vLLM reorders per kv group (Falcon); through the Transformers backend with
 # q/k/v interleaved per head (GPT-NeoX) and fused by the backend (Phi).
-INT8_CASES = ["llama", "falcon", "gpt_neox", "phi"]
+INT8_CASES = ["llama", "falcon", "gpt_neox", "phi", "qwen3"]  # qwen3: a scale per head of q/k
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from typing import Any
 from firstlayer.analysis.savings import Analysis
 
 # Bytes per entry of each table dtype; int8 adds float32 scales per row: one each for q, k and
-# v, or one per head of a fused q/k/v projection (`table.segments`).
+# v, or one per head of a fused q/k/v projection and of a serial block's q/k/v whose q and k are
+# normed after the table (`table.segments`).
 TABLE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 INT8_SCALE_BYTES = 4
 
@@ -64,7 +65,8 @@ def table_row_bytes(analysis: Analysis, table_dtype: str) -> int:
     m = analysis.dims
     size = TABLE_DTYPE_BYTES[table_dtype]
     scales = INT8_SCALE_BYTES if table_dtype == "int8" else 0
-    scales_per_row = m.n_heads + 2 * m.n_kv_heads if m.is_fused_qkv else 3
+    per_head = m.is_fused_qkv or (not m.is_parallel and m.extras.qk_norm_weights > 0)
+    scales_per_row = m.n_heads + 2 * m.n_kv_heads if per_head else 3
     row = (m.q_dim + 2 * m.e) * size + scales_per_row * scales
     return row + (m.d * size + scales if m.is_parallel else 0)
 

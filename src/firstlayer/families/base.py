@@ -342,7 +342,8 @@ class LlamaNames(Family):
     q_proj`, ...) and its serial layer. What differs between them is found by name: the attention
     norm is `input_layernorm` (`attention_layernorm` where a family calls it so; none where
     layers norm only after attention), and per-head q/k norms (`q_norm`, or `q_layernorm`) are
-    token-local and folded into the table. MoE FFNs of serial blocks stay: they read h, not x.
+    token-local: folded into a parallel block's table, run on a serial block's stored q/k
+    (`Parts.run_head_norms`). MoE FFNs of serial blocks stay: they read h, not x.
     """
 
     tiny = {**TINY, "intermediate_size": 96, "num_key_value_heads": 2}

@@ -7,7 +7,9 @@ A row holds, for one token id, everything layer 0 computes from that token alone
     parallel: [ x + mlp(x) | q | k | v ]   the MLP reads only x, so its residual sum is token-local
 
 q, k and v are the projections' outputs before RoPE, in each family's own column layout (NeoX's
-per-head interleave, Falcon's grouped kv, Phi-3's fused qkv), with per-head q/k norms applied.
+per-head interleave, Falcon's grouped kv, Phi-3's fused qkv): a parallel block's with its q/k
+norms applied, a serial block's before them (its model runs them, so that an adapter's change to
+q or k enters before the norm, as in the original).
 
 The table is stored as two blocks of columns, `residual` (V, D) and `qkv` (V, W - D), so that a
 tied LM head reads the residual block as an ordinary contiguous weight (a strided view into one
@@ -44,9 +46,11 @@ class TableLayout:
     hidden_size: int
     is_parallel: bool
     columns: tuple[Column, ...]
-    # A fused q/k/v projection's int8 scales: one per row and head (this many columns, the head
-    # size), so that no scale spans q, k and v however the family orders them; None where q, k
-    # and v are projections of their own, one scale each. Not part of the layout's identity.
+    # int8 scales of one row and head (this many columns, the head size): for a fused q/k/v
+    # projection, so that no scale spans q, k and v however the family orders them; for q and k
+    # stored before the norm a serial model runs on them (`Parts.run_head_norms`), so that a
+    # head the norm scales up is not quantized on the scale of a larger one. None where q, k and
+    # v take one scale each. Not part of the layout's identity.
     scale_width: int | None = field(default=None, compare=False)
 
     @property
@@ -86,7 +90,9 @@ def table_layout(model: nn.Module, parts: Parts, is_parallel: bool) -> TableLayo
         columns.append(Column(name, start, start + width))
         start += width
     scale_width = None
-    if len(columns) == 1:  # q, k and v fused into one projection, in the family's own order
+    # q, k and v fused into one projection, in the family's own order; or q and k normed after
+    # the table, head by head (or across heads, which per-head scales serve as well)
+    if len(columns) == 1 or parts.run_head_norms:
         scale_width = model_dims(family_config(model.config)).head_dim
         assert (start - hidden_size) % scale_width == 0, (start - hidden_size, scale_width)
     return TableLayout(hidden_size, is_parallel, tuple(columns), scale_width)

@@ -47,11 +47,7 @@ def rows_with_lora_class(packed: int) -> type:
 
         def __init__(self, projection: nn.Module, rows_width: int):
             super().__init__(projection)
-            # The projection gives shapes and sharding only: hidden from the manager (which
-            # would wrap a LinearBase) and from the loader, its weight dropped.
-            projection = self._modules.pop("base_layer")
-            projection.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-            self.__dict__["base_layer"] = projection
+            hide_base_layer(self)
             self.rows_width = rows_width
 
         def forward(self, rows_and_input: Tensor) -> Tensor | tuple[Tensor, None]:
@@ -63,6 +59,14 @@ def rows_with_lora_class(packed: int) -> type:
             return (output, None) if self.base_layer.return_bias else output
 
     return RowsWithLoRA
+
+
+def hide_base_layer(layer: nn.Module) -> None:
+    """The projection a LoRA layer wraps gives shapes and sharding only: hidden from the manager
+    (which would wrap a LinearBase) and from the loader, its weight dropped."""
+    projection = layer._modules.pop("base_layer")
+    projection.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    layer.__dict__["base_layer"] = projection
 
 
 def add_lora(layer: nn.Module, rows: Tensor, normed: Tensor) -> Tensor:
@@ -98,11 +102,7 @@ def columns_with_lora_class(base: type) -> type:
 
         def __init__(self, projection: nn.Module, start: int, stop: int, rows_width: int):
             super().__init__(projection)
-            # The projection gives shapes only: hidden from the manager and the loader, its
-            # weight dropped.
-            projection = self._modules.pop("base_layer")
-            projection.weight = nn.Parameter(projection.weight.new_empty(0), requires_grad=False)
-            self.__dict__["base_layer"] = projection
+            hide_base_layer(self)
             self.start, self.stop, self.rows_width = start, stop, rows_width
 
         def forward(self, rows_and_input: Tensor) -> Tensor:
