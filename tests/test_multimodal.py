@@ -80,6 +80,13 @@ CONFIGS = {
         vision_start_token_id=252,
         vision_end_token_id=253,
     ),
+    # The language model under `text_model`, images as (batch, images, 3, H, W).
+    "idefics3": dict(
+        text_config=dict(TEXT, model_type="llama"),
+        vision_config=dict(VISION),
+        image_token_id=IMAGE,
+        scale_factor=2,
+    ),
     # Deepstack: visual features added after layer 0 (not before it), q/k norms at run time.
     "qwen3_vl": dict(
         text_config=dict(
@@ -109,7 +116,14 @@ CONFIGS = {
     ),
 }
 # Image placeholder tokens per image, as each tiny vision tower and projector make them.
-TOKENS_PER_IMAGE = {"gemma3": 4, "llava": 16, "mistral3": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+TOKENS_PER_IMAGE = {
+    "gemma3": 4,
+    "llava": 16,
+    "mistral3": 4,
+    "qwen2_5_vl": 4,
+    "qwen3_vl": 4,
+    "idefics3": 4,
+}
 NEW_TOKENS = 6
 
 
@@ -144,6 +158,8 @@ def prompt(model_type: str, images: int, seed: int = 1) -> dict:
     if model_type.startswith("qwen"):  # 4 x 4 patches of 4 x 4 pixels, 2 frames, merged 2 x 2
         pixels = torch.randn(16 * images, 3 * 2 * 4 * 4, generator=generator)
         inputs |= {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 4, 4]] * images)}
+    elif model_type == "idefics3":
+        inputs["pixel_values"] = torch.randn(1, images, 3, 32, 32, generator=generator)
     else:
         inputs["pixel_values"] = torch.randn(images, 3, 32, 32, generator=generator)
     if model_type == "qwen3_vl":  # M-RoPE positions from the placeholders' types
@@ -209,23 +225,21 @@ def converted(pair, tmp_path_factory):
 
 
 def test_a_converted_folder_keeps_vision_projector_and_processor_files(pair, converted):
-    _, original, _ = pair
+    model_type, original, _ = pair
     source, out = converted
     record = json.loads((out / "config.json").read_text())["firstlayer"]
     kept = set(record["kept_layer0"]["modules"])
-    assert kept == {f"model.language_model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    language_model = "model.text_model" if model_type == "idefics3" else "model.language_model"
+    assert kept == {f"{language_model}.layers.0.self_attn.{p}_proj" for p in "qkv"}
     # Every weight outside the language model, and layer 0's q/k/v, as the original has them.
     with safe_open(out / "model.safetensors", "pt") as after:
         names = set(after.keys())
         for name, tensor in original.state_dict().items():
-            if (
-                name.startswith(
-                    ("model.vision_tower.", "model.multi_modal_projector.", "model.visual.")
-                )
-                or name.rpartition(".")[0] in kept
-            ):
+            vision = name.startswith("model.") and not name.startswith(language_model + ".")
+            if vision or name.rpartition(".")[0] in kept:
                 assert torch.equal(tensor, after.get_tensor(name)), name
-    assert any(n.startswith(("model.vision_tower.", "model.visual.")) for n in names)
+    vision_towers = ("model.vision_tower.", "model.visual.", "model.vision_model.")
+    assert any(n.startswith(vision_towers) for n in names)
     for name, text in PROCESSOR_FILES.items():
         assert (out / name).read_text() == text
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 LANGUAGE_MODEL = "model.language_model"
+# Where a wrapper keeps its language model under another name.
+LANGUAGE_MODELS = {"idefics3": "model.text_model"}
 # Text model types whose declaration is another's: Qwen2.5-VL's text model has Qwen 2's layer.
 TEXT_FAMILIES = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 # The language model's type where a config.json does not name it: Gemma 3's text_config, and
@@ -40,16 +42,18 @@ class LanguageModel:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config.get_text_config()
+        # A precomputed config's model type is firstlayer's; its family's is the source's.
+        model_type = getattr(model.config, "source_model_type", model.config.model_type)
+        self.prefix = LANGUAGE_MODELS.get(model_type, LANGUAGE_MODEL)
 
     def get_submodule(self, name: str) -> nn.Module:
-        return self.model.get_submodule(own_name(name))
+        return self.model.get_submodule(self.own_name(name))
 
-
-def own_name(name: str) -> str:
-    """A causal LM's module name as the multimodal model names it."""
-    if name == "model" or name.startswith("model."):
-        return LANGUAGE_MODEL + name.removeprefix("model")
-    return name
+    def own_name(self, name: str) -> str:
+        """A causal LM's module name as the multimodal model names it."""
+        if name == "model" or name.startswith("model."):
+            return self.prefix + name.removeprefix("model")
+        return name
 
 
 def renamed(parts: Parts, rename: Callable[[str], str]) -> Parts:
@@ -81,6 +85,7 @@ class Multimodal(Family):
         "mistral3",
         "qwen2_5_vl",
         "qwen3_vl",
+        "idefics3",
     )
     is_multimodal = True
     notes = "vision tower and projector kept; image positions run layer 0's kept norm and q/k/v"
@@ -115,7 +120,9 @@ class Multimodal(Family):
         return family
 
     def parts(self, model: nn.Module) -> Parts:
-        return renamed(self.text_family(model).parts(LanguageModel(model)), own_name)
+        language_model = LanguageModel(model)
+        parts = self.text_family(model).parts(language_model)
+        return renamed(parts, language_model.own_name)
 
 
 MULTIMODAL: dict[str, Multimodal] = dict.fromkeys(Multimodal.model_types, Multimodal())
