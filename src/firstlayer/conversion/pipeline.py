@@ -474,7 +474,7 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
 # What a converted folder's record says when its scheme quantizes layer 0's inputs too: the rows
 # hold what the quantized kernels compute (`conversion.quantized.InputQuantization`).
 INPUTS_QUANTIZED_AS = {
-    "vllm": "per token in float32, as vLLM's int8 and FP8 kernels quantize them",
+    "vllm": "as vLLM's int8 and FP8 kernels do (per token, per group or by the stored scale)",
     "transformers": "in the model's dtype, as transformers runs the scheme",
 }
 
