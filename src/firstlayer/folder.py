@@ -67,8 +67,8 @@ HASH_BLOCK_BYTES = 1 << 24
 # mlx-lm builds a model from the module its config names as `model_file` (only when trusted),
 # and `mlx_lm.convert` copies every *.py file into its output, so this one travels along.
 MLX_MODEL_FILE = "firstlayer_mlx.py"
-MLX_MODEL_SOURCE = '''"""A firstlayer precomputed model (arXiv 2402.13388) in mlx-lm: mlx-lm's own model class of
-the family with layer 0 read from the table, by firstlayer.mlx."""
+MLX_MODEL_SOURCE = '''"""A firstlayer precomputed model (arXiv 2402.13388) in mlx-lm: mlx-lm's own
+model class of the family with layer 0 read from the table, by firstlayer.mlx."""
 
 try:
     from firstlayer.mlx.models import Model, ModelArgs  # noqa: F401
