@@ -171,7 +171,7 @@ def test_schemes_quantizing_inputs_say_transformers_runs_them_otherwise(fmt, sou
     original's tokens); transformers simulates them in bfloat16 (FP8 on a CPU: dequantized, no
     input quantization), so loading says so, and the logits differ by that quantization's
     size."""
-    with pytest.warns(UserWarning, match="quantize its inputs per token"):
+    with pytest.warns(UserWarning, match="quantize its inputs as vLLM's int8 and FP8 kernels do"):
         _, _, diff = load_both(sources, converted, fmt)
     assert 0 < diff <= 0.3
 
