@@ -141,6 +141,45 @@ def test_the_export_replaces_layer0_with_token_qkv_and_says_so(tiny):
     assert same != is_parallel  # a parallel block's token_embd holds x + ffn(x)
 
 
+@pytest.mark.parametrize("stem", ["a", "a" * 33])  # 32 more bytes of metadata: one of the two
+def test_every_tensor_starts_on_a_cache_line(tiny_models, tmp_path, stem):
+    """GGUF's default alignment (32) put every tensor of some exports half a cache line off (each
+    64-byte load of ggml's CPU kernels then spans two lines); the source's name, written into the
+    metadata, decided which exports."""
+    original = tmp_path / f"{stem}.gguf"
+    original.write_bytes(tiny_models("llama")[0].read_bytes())
+    reader = GGUFReader(export_gguf(original, tmp_path / "precomputed.gguf", "F16").out)
+    assert reader.alignment == 64
+    assert [t.name for t in reader.tensors if t.data_offset % 64] == []
+
+
+@pytest.mark.parametrize("extra", [0, 32, 64, 96])  # the metadata's end at every 32 mod 128
+def test_a_sources_larger_alignment_is_kept(tmp_path, extra):
+    """A source written with general.alignment 128: the export declares and keeps 128 (copying
+    the key without aligning to it would make llama.cpp read every tensor from the wrong place)."""
+    source = tmp_path / f"{'a' * extra}aligned.gguf"
+    reader = GGUFReader(write_tiny(tmp_path / "plain.gguf", MODEL_ARCH.LLAMA))
+    writer = GGUFWriter(source, "llama")
+    writer.add_custom_alignment(128)
+    copy_metadata(reader, writer)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    precomputed = export_gguf(source, tmp_path / "precomputed.gguf", "F32").out
+    exported = GGUFReader(precomputed)
+    assert exported.alignment == 128
+    assert [t.name for t in exported.tensors if t.data_offset % 128] == []
+    kept = {t.name: t.data for t in exported.tensors}
+    for tensor in reader.tensors:
+        if tensor.name in kept and tensor.name != "token_embd.weight":
+            np.testing.assert_array_equal(kept[tensor.name], tensor.data, err_msg=tensor.name)
+    if PROBLEM is None:
+        assert_decodes_alike(source, precomputed, FLOAT32_TOLERANCE)
+
+
 def assert_decodes_alike(original: Path, precomputed: Path, tolerance: float, f32: bool = True):
     """The same greedy tokens over PROMPT and DECODE_STEPS KV-cached steps, and every logit
     within `tolerance` of the largest; keys and values cached in F32 or llama.cpp's F16."""
