@@ -30,6 +30,7 @@ DTYPE_NAMES = {
     torch.bfloat16: "BF16",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.uint32: "U32",  # mlx-lm's packed quantized weights
     torch.int16: "I16",
     torch.int8: "I8",
     torch.uint8: "U8",

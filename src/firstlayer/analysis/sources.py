@@ -89,10 +89,29 @@ def resolve_source(spec: str) -> Source:
 # Quantization methods `convert` reads from a checkpoint folder, out of core, keeping the folder
 # quantized (`conversion.quantized`). A .gguf file is not among them: transformers dequantizes it
 # as it loads, and the converted folder holds plain tensors.
-CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = ("compressed-tensors", "fp8", "gptq", "awq")
+CONVERTED_QUANTIZATION_METHODS: tuple[str, ...] = (
+    "compressed-tensors",
+    "fp8",
+    "gptq",
+    "awq",
+    "mlx",
+)
+# mlx-lm's own quantization (`mlx_lm.convert --quantize`) is declared under config.json's
+# `quantization`, a key no Hugging Face method writes (its copy as quantization_config names no
+# method): firstlayer calls it "mlx".
+MLX_METHOD = "mlx"
 # The engines whose arithmetic layer 0's rows can follow for a scheme that quantizes inputs
 # (INT8 W8A8, FP8): the two run such a scheme differently, and one table equals one of them.
 QUANTIZED_FOR = ("vllm", "transformers")
+
+
+def config_quantization(config: Any) -> dict | None:
+    """A config.json's quantization as conversion reads it: mlx-lm's own `quantization` as method
+    "mlx" (group_size, bits, mode and per-module overrides), else its quantization_config."""
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict):
+        return {**mlx, "quant_method": MLX_METHOD}
+    return config.get("quantization_config")
 
 
 def quantization_method(quantization: Any) -> str | None:
@@ -120,6 +139,12 @@ def refuse_quantized(quantization: Any, where: str, loaded: bool = False) -> Non
             f"{where} is quantized (quant_method {method!r}); the quantization methods firstlayer "
             f"converts: {known} (a .gguf file is dequantized as it loads): convert the model's "
             "unquantized release, or one of those"
+        )
+    if loaded and method == MLX_METHOD:
+        raise FirstLayerError(
+            f"{where} is quantized in mlx-lm's own format, which transformers does not load: "
+            "convert the folder itself (`firstlayer convert DIR OUT`, out of core), and run the "
+            "converted folder in mlx-lm"
         )
     if loaded:
         raise FirstLayerError(

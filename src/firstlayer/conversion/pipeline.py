@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from firstlayer.analysis.sources import QUANTIZED_FOR, refuse_quantized, resolve_source
+from firstlayer.analysis.sources import (
+    MLX_METHOD,
+    QUANTIZED_FOR,
+    config_quantization,
+    quantization_method,
+    refuse_quantized,
+    resolve_source,
+)
 from firstlayer.conversion.quantized import converted_quantization_config
 from firstlayer.conversion.selfcheck import (
     SAMPLE_ROWS,
@@ -38,13 +45,14 @@ from firstlayer.conversion.selfcheck import (
 )
 from firstlayer.conversion.weights import (
     Checkpoint,
-    CheckpointRows,
     NeedsLoading,
     Weights,
     checkpoint_weights,
+    embedding_rows,
     loaded_weights,
     materialize,
     meta_model,
+    quantization_dict,
     quantize_layer0_inputs,
     rows_at,
     token_local_modules,
@@ -163,8 +171,7 @@ def plan_for(model: nn.Module, from_checkpoint: bool = False) -> Plan:
     are stored)."""
     if getattr(model.config, "firstlayer", None):
         raise FirstLayerError("this model is precomputed already")
-    quantization = getattr(model.config, "quantization_config", None)
-    refuse_quantized(quantization, "this model", loaded=not from_checkpoint)
+    refuse_quantized(quantization_dict(model.config), "this model", loaded=not from_checkpoint)
     parts, parallel = parts_of(model)
     layout = table_layout(model, parts, parallel)
     reads_table = lm_head_reads_table(model, parts, parallel)
@@ -453,6 +460,10 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
         config = quantization.config if quantization is not None else None
         saved = saved_config(model, record, dtype, config)
         saved.model_file = MLX_MODEL_FILE  # what mlx-lm imports to build the model
+        if config is not None and config["quant_method"] == MLX_METHOD:
+            # mlx-lm reads its own key; the method named in quantization_config makes
+            # transformers and vLLM refuse the folder by it.
+            saved.quantization = {k: v for k, v in config.items() if k != "quant_method"}
         saved.save_pretrained(tmp)
 
     def write(tmp: Path) -> None:
@@ -496,9 +507,14 @@ def quantized_config(
             f"and quantized tensors as stored: leave out --dtype {dtype}"
         )
     eliminated = planned.parts.eliminated(planned.layout.is_parallel)
-    dequantized = sorted(m for name in eliminated for m in checkpoint.quantized_in(name))
-    config = converted_quantization_config(checkpoint.quantization, dequantized)
     method = checkpoint.quantization["quant_method"]
+    if method == MLX_METHOD:  # mlx-lm quantizes the embedding too
+        eliminated = (planned.parts.embedding, *eliminated)
+    dequantized = sorted(m for name in eliminated for m in checkpoint.quantized_in(name))
+    marked = dequantized
+    if method == MLX_METHOD:  # mlx-lm's per-module settings, by its paths
+        marked = [checkpoint.mlx_paths.get(m, m) for m in dequantized]
+    config = converted_quantization_config(checkpoint.quantization, marked)
     record = {"method": method, "dequantized_into_the_table": dequantized}
     if checkpoint.inputs_quantized:
         record["quantized_for"] = checkpoint.quantized_for
@@ -553,7 +569,7 @@ def convert_checkpoint(
     checkpoint whose weights transformers combines on loading, or adapters that PEFT must merge
     into a loaded model (DoRA, biases, embeddings, modules saved whole)."""
     options = ConvertOptions.of(options, **settings)
-    refuse_quantized(resolve_source(str(source)).config.get("quantization_config"), str(source))
+    refuse_quantized(config_quantization(resolve_source(str(source)).config), str(source))
     deltas = None
     if options.adapters:
         deltas = plain_lora_deltas(list(options.adapters))
@@ -575,8 +591,11 @@ def convert_source(
     if path.is_dir() and any(path.glob("*.safetensors")) and not is_precomputed_folder(path):
         source = resolve_source(spec)  # refuses a folder without a usable config.json
         family_of(source.config["model_type"])
-        refuse_quantized(source.config.get("quantization_config"), spec)
-        refuse_mismatched_shapes(path, source.config)
+        quantization = config_quantization(source.config)
+        refuse_quantized(quantization, spec)
+        if quantization_method(quantization) != MLX_METHOD:  # packed under `.weight`: checked
+            refuse_mismatched_shapes(path, source.config)  # as they are read instead
+
         try:
             return convert_checkpoint(path, out, load_tokenizer(path), options), "out of core"
         except NeedsLoading:
@@ -606,14 +625,14 @@ def check_folder_rows(
             "loaded models"
         )
     checkpoint = meta_model(Path(source), deltas)
-    model, folder, names = checkpoint.model, checkpoint.folder, checkpoint.names
+    model = checkpoint.model
     parts, _ = parts_of(model, record)
     layout = TableLayout.from_dict(record["table"])
     for module_name in token_local_modules(model, record):
         materialize(checkpoint, module_name)
     quantize_layer0_inputs(checkpoint, record.get("quantization", {}).get("quantized_for", "vllm"))
     model_dtype = model.get_submodule(parts.embedding).weight.dtype
-    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+    embedding = embedding_rows(checkpoint, parts.embedding, model_dtype)
     vocab_size = embedding.shape[0]
     ids = sample_ids(vocab_size, special_token_ids(model.config, None), count or SAMPLE_ROWS)
     expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)

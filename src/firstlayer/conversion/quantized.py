@@ -52,7 +52,10 @@ QUANTIZED_SUFFIXES = {
     "fp8": ("weight", "weight_scale_inv", "input_scale", "activation_scale"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
     "awq": ("qweight", "qzeros", "scales"),
+    "mlx": ("weight", "scales", "biases"),
 }
+# mlx-lm's affine quantization: the widths mx.quantize packs (3, 5 and 6 bits straddle words).
+MLX_BITS = (2, 3, 4, 5, 6, 8)
 # vLLM's fused Linears, by the name of one of their parts.
 FUSED = {p: "qkv_proj" for p in ("q_proj", "k_proj", "v_proj")} | {
     p: "gate_up_proj" for p in ("gate_proj", "up_proj")
@@ -100,10 +103,28 @@ def refuse_unknown(config: Mapping[str, Any], where: str) -> None:
         fmt = config.get("checkpoint_format", config.get("format", "gptq"))
         if fmt not in ("gptq", "gptq_v2"):
             refuse(f"checkpoint format {fmt!r}")
+    elif method == "mlx":
+        for module, settings in mlx_settings(config).items():
+            mode = settings.get("mode", config.get("mode", "affine"))
+            bits = settings.get("bits", config.get("bits"))
+            if mode != "affine":
+                refuse(f"mode {mode!r} ({module}; only affine, mlx-lm's default, is read)")
+            if bits not in MLX_BITS:
+                refuse(f"{bits}-bit weights ({module}; affine widths: {MLX_BITS})")
     elif method == "awq":
         version = str(config.get("version", config.get("format", "gemm"))).lower()
         if version != "gemm" or int(config.get("bits", config.get("w_bit", 4))) != 4:
             refuse(f"version {version!r} (only 4-bit GEMM is read)")
+
+
+def mlx_settings(config: Mapping[str, Any]) -> dict[str, dict]:
+    """mlx-lm's quantization settings: the default ("all modules") and each module's own, by
+    mlx-lm's module path (False: left unquantized)."""
+    settings = {"all modules": dict(config)}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            settings[key] = value
+    return settings
 
 
 def compressed_groups(config: Mapping[str, Any]) -> dict[str, dict]:
@@ -153,6 +174,8 @@ def dequantize(
         weight = _fp8(config, tensors)
     elif method == "gptq":
         weight = _gptq(config, tensors)
+    elif method == "mlx":
+        weight = _mlx(module, tensors, shape)
     else:
         weight = _awq(config, tensors)
     if tuple(weight.shape) != tuple(shape):
@@ -266,6 +289,38 @@ def _gptq(config: Mapping[str, Any], t: Mapping[str, Tensor]) -> Tensor:
         size = codes.shape[0] if size == -1 else size
         groups = torch.arange(codes.shape[0]) // size
     return (scales[groups] * (codes - zeros[groups])).t().contiguous()
+
+
+def _mlx(module: str, t: Mapping[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """mlx's affine dequantization, `w = scales * q + biases` per group of `in` columns, each step
+    rounded in the scales' dtype as mx.dequantize computes it (checked to the bit against it);
+    the width and group read from the shapes, as mlx-lm's loader infers them."""
+    inp = shape[1]
+    packed, scales, biases = t["weight"], t["scales"], t["biases"]
+    bits, rest = divmod(packed.shape[1] * 32, inp)
+    if rest or bits not in MLX_BITS or inp % scales.shape[1] or not scales.is_floating_point():
+        raise FirstLayerError(
+            f"{module}: {list(packed.shape)} packed words with {list(scales.shape)} "
+            f"{scales.dtype} scales are no affine quantization of {inp} columns: the weights "
+            "and the config disagree"
+        )
+    group = inp // scales.shape[1]
+    codes = unpack_stream(packed, bits)[:, :inp]
+    dtype = scales.dtype
+    return (
+        (codes.to(dtype) * scales.repeat_interleave(group, 1)) + biases.repeat_interleave(group, 1)
+    ).float()
+
+
+def unpack_stream(packed: Tensor, bits: int) -> Tensor:
+    """Unsigned `bits`-bit codes packed into 32-bit words along rows as one little-endian bit
+    stream (a code may straddle two words), as mlx packs them; (R, words * 32 / bits), int64."""
+    words = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    words = torch.nn.functional.pad(words, (0, 1))  # a code's second word, past the last
+    offsets = torch.arange(packed.shape[1] * 32 // bits) * bits
+    low, shift = words[:, offsets // 32], offsets % 32
+    pairs = low | (words[:, offsets // 32 + 1] << 32)
+    return (pairs >> shift) & (2**bits - 1)
 
 
 def _awq(config: Mapping[str, Any], t: Mapping[str, Tensor]) -> Tensor:
@@ -520,6 +575,8 @@ def converted_quantization_config(
     method = config["quant_method"]
     if method == "compressed-tensors":
         config["ignore"] = [*(config.get("ignore") or []), *names]
+    elif method == "mlx":  # per-module settings by mlx-lm's paths, which `names` are here
+        config = {k: v for k, v in config.items() if k not in names}
     elif method in ("fp8", "awq"):
         config["modules_to_not_convert"] = [*(config.get("modules_to_not_convert") or []), *names]
     else:  # gptq: vLLM's negative `dynamic` rule (transformers quantizes block Linears only,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from firstlayer.analysis.sources import MLX_METHOD, config_quantization
 from firstlayer.conversion.quantized import (
     FUSED,
     dequantize,
@@ -111,6 +112,15 @@ def loaded_weights(model: nn.Module, tokenizer: Any | None = None) -> Weights:
     )
 
 
+def row_range(ids: Tensor | slice) -> tuple[int, int]:
+    """(start, stop) of a range of rows asked for by a slice or by consecutive ids."""
+    if isinstance(ids, slice):
+        return ids.start, ids.stop
+    start, stop = int(ids[0]), int(ids[-1]) + 1
+    assert stop - start == len(ids), "rows are read in ranges"
+    return start, stop
+
+
 class CheckpointRows:
     """The embedding's rows as the loaded model would hold them (its dtype), read from disk.
 
@@ -125,11 +135,7 @@ class CheckpointRows:
         self._digest, self._next_row = hashlib.sha256(), 0
 
     def __getitem__(self, ids: Tensor | slice) -> Tensor:
-        if isinstance(ids, slice):
-            start, stop = ids.start, ids.stop
-        else:
-            start, stop = int(ids[0]), int(ids[-1]) + 1
-            assert stop - start == len(ids), "rows are read in ranges"
+        start, stop = row_range(ids)
         rows = self.folder.rows(self.name, start, stop).to(self.dtype)
         if start == self._next_row:
             self._digest.update(memoryview(tensor_bytes(rows)))
@@ -169,7 +175,7 @@ def checkpoint_weights(
         if names.get(name) in checkpoint.read:
             read = checkpoint.read[names[name]].to(tensor.dtype)  # as the model holds it
             digests[name] = (read.dtype, tuple(read.shape), tensor_sha256(read))
-    embedding = CheckpointRows(folder, names[f"{parts.embedding}.weight"], model_dtype)
+    embedding = embedding_rows(checkpoint, parts.embedding, model_dtype)
 
     def blocks(name: str, tensor: Tensor) -> Iterator[Tensor]:
         digest = hashlib.sha256()
@@ -185,14 +191,65 @@ def checkpoint_weights(
         embedding_sha256 = embedding.sha256()
         entries = []
         for name, tensor in fingerprint_names(checkpoint).items():
-            if name not in digests:
-                assert names[name] == embedding.name, name
+            if name not in digests and names[name] == embedding.name:
                 digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
+            elif name not in digests:  # a quantized embedding's stored tensors
+                digests[name] = (
+                    tensor.dtype,
+                    tuple(tensor.shape),
+                    stored_sha256(folder, names[name]),
+                )
             entries.append((name, *digests[name]))
         return fingerprint(entries)
 
     quantized = checkpoint if checkpoint.quantization is not None else None
     return Weights(model, embedding, blocks, source_fingerprint, tokenizer, quantized, source)
+
+
+def stored_sha256(folder: SafetensorsFolder, name: str) -> str:
+    digest = hashlib.sha256()
+    for rows in folder.row_blocks(name, COPY_BLOCK_BYTES):
+        digest.update(memoryview(tensor_bytes(rows)))
+    return digest.hexdigest()
+
+
+def embedding_rows(checkpoint: Checkpoint, module: str, dtype: torch.dtype) -> CheckpointRows:
+    """The embedding's rows in the model's dtype, read from disk; a quantized one's (mlx-lm
+    quantizes embeddings too) dequantized as its method does."""
+    if module in checkpoint.quantized:
+        return QuantizedRows(checkpoint, module, dtype)
+    return CheckpointRows(checkpoint.folder, checkpoint.names[f"{module}.weight"], dtype)
+
+
+class QuantizedRows(CheckpointRows):
+    """A quantized embedding's rows, dequantized a range at a time (exact in its dtype); its
+    sha256 is that of the dequantized rows, as a loaded model would hold them."""
+
+    def __init__(self, checkpoint: Checkpoint, module: str, dtype: torch.dtype):
+        self.parts = {
+            name.removeprefix(f"{module}."): checkpoint.names[name]
+            for name in checkpoint.quantized[module]
+        }
+        super().__init__(checkpoint.folder, self.parts["weight"], dtype)
+        self.checkpoint, self.module = checkpoint, module
+        self.name = f"{module} (dequantized)"  # its stored tensors are fingerprinted as stored
+        self.shape = tuple(checkpoint.model.get_submodule(module).weight.shape)
+
+    def __getitem__(self, ids: Tensor | slice) -> Tensor:
+        start, stop = row_range(ids)
+        tensors = {part: self.folder.rows(name, start, stop) for part, name in self.parts.items()}
+        shape = (stop - start, self.shape[1])
+        rows = dequantize(self.checkpoint.quantization, self.module, tensors, shape).to(self.dtype)
+        if start == self._next_row:
+            self._digest.update(memoryview(tensor_bytes(rows)))
+            self._next_row = stop
+        return rows
+
+    def sha256(self) -> str:
+        if self._next_row != self.shape[0]:
+            for start in range(self._next_row, self.shape[0], 4096):
+                self[start : min(start + 4096, self.shape[0])]
+        return self._digest.hexdigest()
 
 
 def fingerprint_names(checkpoint: Checkpoint) -> dict[str, Tensor]:
@@ -231,6 +288,8 @@ class Checkpoint:
     # whose inputs the scheme quantizes, and the engine whose arithmetic their rows follow
     # (`quantize_layer0_inputs`)
     quantized_for: str = "vllm"
+    # An mlx-lm folder's: each module's path in mlx-lm's model (its weights' stored names).
+    mlx_paths: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def quantized_weight(self, name: str) -> str | None:
         """The quantized Linear whose `weight` a state-dict name is; None for any other."""
@@ -280,15 +339,21 @@ def meta_model(source: Path, deltas: LoraDeltas | None = None) -> Checkpoint:
         model = auto_model(config.model_type).from_config(config, dtype=dtype)
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
-    names, quantized = checkpoint_names(model, folder, source, quantization)
+    names, quantized, mlx_paths = checkpoint_names(model, folder, source, quantization)
     if deltas is not None:
         folder.adapt(names, model)
-    return Checkpoint(model.eval(), folder, names, quantized, quantization)
+    return Checkpoint(model.eval(), folder, names, quantized, quantization, mlx_paths=mlx_paths)
 
 
 def quantization_dict(config: Any) -> dict[str, Any] | None:
-    """A config's quantization_config as config.json holds it; None for none or GGUF's."""
-    quantization = getattr(config, "quantization_config", None)
+    """A config's quantization as conversion reads it (`config_quantization`: mlx-lm's own as
+    method "mlx", else quantization_config as config.json holds it); None for none or GGUF's."""
+    quantization = config_quantization(
+        {
+            "quantization": getattr(config, "quantization", None),
+            "quantization_config": getattr(config, "quantization_config", None),
+        }
+    )
     if quantization is None:
         return None
     if not isinstance(quantization, dict):
@@ -345,10 +410,11 @@ def checkpoint_names(
     folder: SafetensorsFolder,
     source: Path,
     quantization: dict[str, Any] | None = None,
-) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
+) -> tuple[dict[str, str], dict[str, dict[str, Tensor]], dict[str, str]]:
     """For every state-dict name, the checkpoint tensor that holds it, renamed by transformers'
-    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...); and for
-    a quantized checkpoint, each quantized Linear's stored tensors (their names join the first
+    own loading rules (`embed_out.` -> `lm_head.`, `LayerNorm.gamma` -> `.weight`, ...) or, in a
+    folder mlx-lm wrote, from mlx-lm's module paths (the third map, module -> its path); and for
+    a quantized checkpoint, each quantized module's stored tensors (their names join the first
     map)."""
     from transformers.core_model_loading import WeightRenaming
 
@@ -365,13 +431,21 @@ def checkpoint_names(
             f"{source}: transformers combines checkpoint tensors into this model's weights "
             "when it loads them; convert it from the loaded model"
         )
+    state = model.state_dict(keep_vars=True)
+    mlx_paths = {}
+    if quantization is not None and quantization["quant_method"] == MLX_METHOD:
+        mlx_paths = mlx_module_paths(model, list(state))
+    from_mlx = {path: module for module, path in mlx_paths.items()}
     stored_as = {}
     for stored in folder.names():
+        module, _, leaf = stored.rpartition(".")
+        if module in from_mlx:  # mlx-lm's name: the state dict's already
+            stored_as[f"{from_mlx[module]}.{leaf}"] = stored
+            continue
         name = stored
         for renaming in renamings:
             name, _ = renaming.rename_source_key(name)
         stored_as[name] = stored
-    state = model.state_dict(keep_vars=True)
     quantized: dict[str, dict[str, Tensor]] = {}
     names = {}
     if quantization is not None:
@@ -383,6 +457,12 @@ def checkpoint_names(
                 meta = torch.empty(folder.shape(stored), dtype=folder.dtype(stored), device="meta")
                 quantized[module][name] = meta
                 names[name] = stored
+        # A weight tied to a quantized one (an LM head to a quantized embedding) is stored as it.
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            module = name.removesuffix(".weight")
+            tied = next((m for m in quantized if state[f"{m}.weight"] is parameter), None)
+            if name.endswith(".weight") and module not in quantized and tied is not None:
+                quantized[module] = quantized[tied]
         if not quantized:
             raise FirstLayerError(
                 f"{source}: config.json declares {quantization['quant_method']} quantization, "
@@ -417,7 +497,19 @@ def checkpoint_names(
                 "config disagree; use the config.json that came with these weights"
             )
         names[name] = stored
-    return names, quantized
+    return names, quantized, mlx_paths
+
+
+def mlx_module_paths(model: nn.Module, state_names: list[str]) -> dict[str, str]:
+    """Each module's path in mlx-lm's model of the family (`firstlayer.mlx.names`)."""
+    try:
+        from firstlayer.mlx.names import mlx_module_paths as paths
+    except ImportError:
+        raise FirstLayerError(
+            "this folder is quantized in mlx-lm's own format, whose weights mlx-lm names: "
+            "converting it needs mlx-lm, pip install 'firstlayer[mlx]'"
+        ) from None
+    return paths(model.config.to_dict(), state_names)
 
 
 def token_local_modules(model: nn.Module, record: dict | None = None) -> list[str]:

@@ -18,7 +18,9 @@ from torch import nn
 
 from firstlayer.analysis.gguf_header import read_gguf_header
 from firstlayer.analysis.sources import (
+    MLX_METHOD,
     Source,
+    config_quantization,
     quantization_method,
     refuse_quantized,
     resolve_source,
@@ -76,12 +78,18 @@ def load_original(spec: str, adapters: tuple[Path, ...] = ()) -> Loaded:
     folder loads too."""
     source = resolve_source(spec) if not is_precomputed_folder(Path(spec)) else None
     quantized = source is not None and source.kind == "folder"
-    method = quantization_method(source.config.get("quantization_config")) if quantized else None
+    method = quantization_method(config_quantization(source.config)) if quantized else None
     if method in (None, "gguf"):
         return load_source(spec, dtype=torch.float32, to_convert=True, adapters=adapters)
     if adapters:
         raise FirstLayerError(
             f"{spec} is quantized: verify --adapter compares unquantized sources only"
+        )
+    if method == MLX_METHOD:
+        raise FirstLayerError(
+            f"{spec} is quantized in mlx-lm's own format, which transformers does not run: "
+            "compare the two folders in mlx-lm (`mlx_lm.load`; the converted one with "
+            "trust_remote_code=True), or `firstlayer verify SOURCE OUT --rows` for the table"
         )
     return _load_source(spec, torch.float32, allow_random=False, to_convert=False)
 
@@ -98,7 +106,7 @@ def _load_source(spec: str, dtype: Any, allow_random: bool, to_convert: bool) ->
     source = resolve_source(spec)
     if to_convert:
         family_of(source.config["model_type"])
-        refuse_quantized(source.config.get("quantization_config"), spec, loaded=True)
+        refuse_quantized(config_quantization(source.config), spec, loaded=True)
     if source.kind == "gguf":
         refuse_truncated_gguf(source.path)
         model = _from_pretrained(source.path.parent, dtype, gguf_file=source.path.name)

@@ -81,6 +81,7 @@ class PrecomputedForCausalLM:
         given = pretrained_model_name_or_path
         folder = Path(given) if given is not None else None
         if folder is not None and folder.is_dir():
+            refuse_mlx_quantized(folder)
             require_files(folder)
         memory = parse_table_memory(kwargs.pop("table_memory", "mapped"))
         wants_info = kwargs.pop("output_loading_info", False)
@@ -126,6 +127,24 @@ class PrecomputedForCausalLM:
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             record_weight_files(Path(save_directory), self.config)
+
+
+def refuse_mlx_quantized(folder: Path) -> None:
+    """A folder converted from one mlx-lm quantized keeps its weights in mlx's own packing,
+    which transformers (and vLLM) do not run: refused by name before any weight is read."""
+    config = (
+        json.loads((folder / "config.json").read_text())
+        if (folder / "config.json").is_file()
+        else {}
+    )
+    method = (config.get("firstlayer") or {}).get("quantization", {}).get("method")
+    if method == "mlx":
+        raise FirstLayerError(
+            f"{folder} was converted from a folder mlx-lm quantized and keeps mlx's own "
+            "quantized weights, which transformers and vLLM do not run: run it in mlx-lm "
+            "(`mlx_lm.load(OUT, trust_remote_code=True)`, `mlx_lm.generate --model OUT "
+            "--trust-remote-code`), or convert the unquantized model for transformers"
+        )
 
 
 def warn_of_quantized_inputs(record: dict) -> None:

@@ -91,10 +91,11 @@ class ModelArgs:
                 "this config has no `firstlayer` record: give mlx-lm the folder that "
                 "`firstlayer convert` wrote"
             )
-        if record.get("quantization"):
+        method = record.get("quantization", {}).get("method")
+        if method is not None and method != "mlx":
             raise FirstLayerError(
-                "a folder converted from a quantized checkpoint does not run in mlx-lm: convert "
-                "the dense checkpoint, then quantize with `mlx_lm.convert --quantize`"
+                f"a folder converted from a {method} checkpoint does not run in mlx-lm: convert "
+                "the dense checkpoint, or one mlx-lm quantized (`mlx_lm.convert --quantize`)"
             )
         model_type = record["model_type"]
         model_class, args_class = family_classes(model_type)

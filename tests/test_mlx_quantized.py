@@ -1,0 +1,182 @@
+"""Folders mlx-lm quantized (`mlx_lm.convert --quantize`) convert as they are (issue 26 item 3):
+layer 0's weights and the embedding dequantized as mlx does into a 16-bit table, every other
+tensor kept in mlx's packing, and the folder runs in mlx-lm within float16 rounding of the
+original quantized folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+mlx_lm = pytest.importorskip(
+    "mlx_lm", reason="mlx-lm is installed in .venv only (`pip install 'firstlayer[mlx]'`)"
+)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from conftest import FAMILIES, build_tiny  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.convert import convert as mlx_convert  # noqa: E402
+from test_mlx import MLX_RUNS_ORIGINAL, PROMPT, prompt_and_decode_logits, tiny_tokenizer  # noqa: E402
+
+from firstlayer.conversion import convert_source  # noqa: E402
+from firstlayer.conversion.quantized import MLX_BITS, dequantize  # noqa: E402
+from firstlayer.errors import FirstLayerError  # noqa: E402
+from firstlayer.mlx.models import legacy_rope_fields  # noqa: E402
+
+# Both folders run in float16; the table's q/k/v rows are layer 0's in float32 rounded once, where
+# mlx-lm's own layer 0 rounds its norm and each product to float16; a serial model's tied LM head
+# multiplies the 16-bit table instead of the packed embedding. Measured: at most 0.004 on logits
+# of magnitude ~1 (a few float16 units), greedy tokens the same.
+FLOAT16_ROUNDING = 1e-2
+CASES = [("llama", 4), ("llama", 8), ("gpt_neox", 4), ("gpt_neox", 8)]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """(family id, bits, mode) -> (the float16 folder mlx-lm quantized, its converted folder or
+    None), each made once."""
+    made: dict[tuple, tuple[Path, Path | None]] = {}
+
+    def folders(family_id: str, bits: int, mode: str = "affine", predicate=None, convert=True):
+        key = (family_id, bits, mode, predicate is not None)
+        if key not in made:
+            family = next(f for f in FAMILIES if f.id == family_id)
+            settings = {**family.extra, **MLX_RUNS_ORIGINAL.get(family_id, {})}
+            model = build_tiny(dataclasses.replace(family, extra=settings)).to(torch.float16)
+            root = tmp_path_factory.mktemp(f"mlxq-{family_id}-{bits}-{mode}")
+            model.save_pretrained(root / "dense")
+            tiny_tokenizer(model.config.vocab_size).save_pretrained(root / "dense")
+            config_file = root / "dense" / "config.json"
+            config = json.loads(config_file.read_text())
+            config_file.write_text(json.dumps({**legacy_rope_fields(config), **config}))
+            mlx_convert(
+                str(root / "dense"),
+                str(root / "quantized"),
+                quantize=True,
+                q_bits=bits,
+                q_mode=mode,
+                dtype="float16",
+                quant_predicate=predicate,
+            )
+            out = None
+            if convert:
+                out, _ = convert_source(str(root / "quantized"), root / "precomputed")
+            made[key] = (root / "quantized", out)
+        return made[key]
+
+    return folders
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("bits", MLX_BITS)
+def test_dequantize_is_mx_dequantize_to_the_bit(bits, dtype):
+    for group in (32, 64, 128):
+        weight = (mx.random.normal((48, 256), key=mx.random.key(bits + group)) * 3).astype(dtype)
+        packed, scales, biases = mx.quantize(weight, group, bits)
+        expected = np.array(mx.dequantize(packed, scales, biases, group, bits).astype(mx.float32))
+        tensors = {
+            "weight": torch.from_numpy(np.array(packed).view(np.int32)).view(torch.uint32),
+            "scales": torch.from_numpy(np.array(scales.astype(mx.float32))).to(
+                {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}.get(dtype, torch.float32)
+            ),
+        }
+        tensors["biases"] = torch.from_numpy(np.array(biases.astype(mx.float32))).to(
+            tensors["scales"].dtype
+        )
+        got = dequantize({"quant_method": "mlx"}, "w", tensors, (48, 256))
+        assert torch.equal(got, torch.from_numpy(expected)), (bits, group, dtype)
+
+
+@pytest.mark.parametrize(("family_id", "bits"), CASES, ids=[f"{f}-{b}bit" for f, b in CASES])
+def test_converted_runs_in_mlx_lm_as_the_quantized_original(family_id, bits, quantized):
+    source, out = quantized(family_id, bits)
+    original, tokenizer = mlx_lm.load(str(source))
+    precomputed, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    expected, got = prompt_and_decode_logits(original), prompt_and_decode_logits(precomputed)
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        diff = float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max())
+        assert diff <= FLOAT16_ROUNDING, (step, diff)
+        assert mx.array_equal(mx.argmax(a, -1), mx.argmax(b, -1))
+    prompt = "w5 w17 w200 w3 w9"
+    expected = mlx_lm.generate(original, tokenizer, prompt, max_tokens=12)
+    assert mlx_lm.generate(precomputed, tokenizer, prompt, max_tokens=12) == expected
+    # Every weight but layer 0's eliminated ones and the embedding: mlx's packing as stored.
+    kept = dict(tree_flatten(precomputed.parameters()))
+    quantized_kept = 0
+    for name, value in tree_flatten(original.parameters()):
+        if ".embed_" in name:
+            continue
+        if name not in kept:  # eliminated: layer 0's token-local modules only
+            assert ".layers.0." in name or ".h.0." in name, name
+            continue
+        assert kept[name].dtype == value.dtype and mx.array_equal(kept[name], value), name
+        quantized_kept += value.dtype == mx.uint32
+    assert quantized_kept >= 4
+
+
+def test_serial_residual_block_is_mx_dequantize_of_the_embedding(quantized):
+    source, out = quantized("llama", 4)
+    original, _ = mlx_lm.load(str(source))
+    precomputed, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    ids = mx.arange(original.args.vocab_size)
+    assert mx.array_equal(original.model.embed_tokens(ids), precomputed.model.embed_tokens(ids))
+
+
+def test_record_and_config(quantized):
+    _, out = quantized("llama", 4)
+    config = json.loads((out / "config.json").read_text())
+    record = config["firstlayer"]["quantization"]
+    assert record["method"] == "mlx"
+    assert "model.embed_tokens" in record["dequantized_into_the_table"]
+    assert "model.layers.0.self_attn.q_proj" in record["dequantized_into_the_table"]
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert config["quantization_config"]["quant_method"] == "mlx"
+
+
+def test_per_module_settings_of_layer_0_are_dropped(quantized):
+    """A mixed recipe (layer 0 at 8 bits, the rest at 4): the converted config names no setting
+    for a module the table replaced (mlx-lm would try to quantize it), and the folder runs."""
+
+    def layer0_at_8_bits(path, module):
+        return {"group_size": 64, "bits": 8, "mode": "affine"} if ".layers.0." in path else True
+
+    source, out = quantized("llama", 4, predicate=layer0_at_8_bits)
+    source_config = json.loads((source / "config.json").read_text())["quantization"]
+    assert "model.layers.0.self_attn.q_proj" in source_config
+    config = json.loads((out / "config.json").read_text())["quantization"]
+    assert not any(k.startswith("model.layers.0.self_attn.") and "o_proj" not in k for k in config)
+    assert config["model.layers.0.mlp.up_proj"]["bits"] == 8  # kept modules keep theirs
+    original, _ = mlx_lm.load(str(source))
+    precomputed, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    a, b = original(mx.array(PROMPT)), precomputed(mx.array(PROMPT))
+    assert float(mx.abs(a - b).max()) <= FLOAT16_ROUNDING
+
+
+def test_transformers_refuses_the_converted_folder_by_name(quantized):
+    from firstlayer.hf.loading import load, load_original
+
+    source, out = quantized("llama", 4)
+    with pytest.raises(FirstLayerError, match="mlx-lm quantized.*transformers and vLLM"):
+        load(out)
+    with pytest.raises(FirstLayerError, match="mlx-lm's own format"):
+        load_original(str(source))  # what `firstlayer verify` compares with
+
+
+def test_verify_rows_reads_the_quantized_source(quantized):
+    from firstlayer.conversion.pipeline import check_folder_rows
+
+    source, out = quantized("gpt_neox", 4)
+    assert check_folder_rows(source, out, count=32).passed
+
+
+def test_other_modes_are_refused_by_name_leaving_nothing(quantized, tmp_path):
+    source, _ = quantized("llama", 4, mode="mxfp4", convert=False)
+    out = tmp_path / "out"
+    with pytest.raises(FirstLayerError, match="mode 'mxfp4'"):
+        convert_source(str(source), out)
+    assert not out.exists()
