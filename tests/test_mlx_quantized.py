@@ -33,7 +33,9 @@ from firstlayer.mlx.models import legacy_rope_fields  # noqa: E402
 # multiplies the 16-bit table instead of the packed embedding. Measured: at most 0.004 on logits
 # of magnitude ~1 (a few float16 units), greedy tokens the same.
 FLOAT16_ROUNDING = 1e-2
-CASES = [("llama", 4), ("llama", 8), ("gpt_neox", 4), ("gpt_neox", 8)]
+# Serial (tied) and parallel at both widths; a serial GPT-NeoX, whose weights mlx-lm renames
+# (`gpt_neox.layers.N` -> `model.h.N`), for a residual block kept under transformers' name.
+CASES = [("llama", 4), ("llama", 8), ("gpt_neox", 4), ("gpt_neox", 8), ("gpt_neox_serial", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +121,23 @@ def test_converted_runs_in_mlx_lm_as_the_quantized_original(family_id, bits, qua
     assert quantized_kept >= 4
 
 
-def test_serial_residual_block_is_mx_dequantize_of_the_embedding(quantized):
-    source, out = quantized("llama", 4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_serial_residual_block_is_the_quantized_embedding_as_stored(bits, quantized):
+    """The residual block of a serial table is the embedding: kept in mlx's packing, byte for
+    byte, so its lookup and the tied LM head are mlx-lm's own on the same bytes; the q/k/v block
+    is 16-bit."""
+    source, out = quantized("llama", bits)
     original, _ = mlx_lm.load(str(source))
     precomputed, _ = mlx_lm.load(str(out), trust_remote_code=True)
-    ids = mx.arange(original.args.vocab_size)
-    assert mx.array_equal(original.model.embed_tokens(ids), precomputed.model.embed_tokens(ids))
+    embedding, table = original.model.embed_tokens, precomputed.model.embed_tokens
+    assert type(table.residual).__name__ == "QuantizedEmbedding" and table.residual.bits == bits
+    for part in ("weight", "scales", "biases"):
+        assert mx.array_equal(getattr(table.residual, part), getattr(embedding, part)), part
+    assert table.qkv.weight.dtype == mx.float16
+    x = mx.random.normal((3, original.args.hidden_size)).astype(mx.float16)
+    assert mx.array_equal(table.as_linear(x), embedding.as_linear(x))  # the tied LM head
+    record = json.loads((out / "config.json").read_text())["firstlayer"]
+    assert record["table"]["residual_dtype"] == "mlx-quantized"
 
 
 def test_record_and_config(quantized):
@@ -167,10 +180,11 @@ def test_transformers_refuses_the_converted_folder_by_name(quantized):
         load_original(str(source))  # what `firstlayer verify` compares with
 
 
-def test_verify_rows_reads_the_quantized_source(quantized):
+@pytest.mark.parametrize("family_id", ["llama", "gpt_neox"])
+def test_verify_rows_reads_the_quantized_source(family_id, quantized):
     from firstlayer.conversion.pipeline import check_folder_rows
 
-    source, out = quantized("gpt_neox", 4)
+    source, out = quantized(family_id, 4)
     assert check_folder_rows(source, out, count=32).passed
 
 

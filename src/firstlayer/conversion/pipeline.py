@@ -31,7 +31,11 @@ from firstlayer.analysis.sources import (
     refuse_quantized,
     resolve_source,
 )
-from firstlayer.conversion.quantized import converted_quantization_config
+from firstlayer.conversion.quantized import (
+    QUANTIZED_SUFFIXES,
+    converted_quantization_config,
+    dequantize,
+)
 from firstlayer.conversion.selfcheck import (
     SAMPLE_ROWS,
     SelfCheck,
@@ -44,6 +48,7 @@ from firstlayer.conversion.selfcheck import (
     tolerance_for,
 )
 from firstlayer.conversion.weights import (
+    COPY_BLOCK_BYTES,
     Checkpoint,
     NeedsLoading,
     Weights,
@@ -221,8 +226,27 @@ class MemorySink:
         return self.blocks[block][ids].cpu(), None if scales is None else scales[ids].cpu()
 
 
-def folder_reader(folder: Path, module: str) -> Callable[[str, Tensor], tuple]:
-    """Stored rows of a written folder's table, read back from its files."""
+# The record's residual dtype where the block is an mlx-quantized embedding, kept as stored.
+MLX_QUANTIZED_BLOCK = "mlx-quantized"
+
+
+def verbatim_embedding(weights: Weights, planned: Plan) -> dict[str, tuple[str, Tensor]]:
+    """A serial model's embedding as a folder mlx-lm quantized stores it, by part (`weight`,
+    `scales`, `biases`): (the stored tensor, a meta tensor of its dtype and shape). The table's
+    residual block keeps it as stored, so that its lookup and a tied LM head run mlx's own
+    quantized kernels on the same bytes as the original. Empty for any other source."""
+    checkpoint, module = weights.checkpoint, planned.parts.embedding
+    if checkpoint is None or planned.layout.is_parallel or module not in checkpoint.quantized:
+        return {}
+    if checkpoint.quantization["quant_method"] != MLX_METHOD:
+        return {}
+    parts = checkpoint.quantized[module].items()
+    return {n.removeprefix(f"{module}."): (checkpoint.names[n], meta) for n, meta in parts}
+
+
+def folder_reader(folder: Path, module: str, hidden_size: int) -> Callable[[str, Tensor], tuple]:
+    """Stored rows of a written folder's table, read back from its files (an mlx-quantized
+    residual block dequantized as mlx does)."""
     files = SafetensorsFolder(folder)
 
     def read(block: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -230,6 +254,10 @@ def folder_reader(folder: Path, module: str) -> Callable[[str, Tensor], tuple]:
             return torch.cat([files.rows(name, i, i + 1) for i in ids.tolist()])
 
         name = f"{module}.{block}"
+        if f"{name}.scales" in files:
+            tensors = {part: rows(f"{name}.{part}") for part in QUANTIZED_SUFFIXES[MLX_METHOD]}
+            shape = (len(ids), hidden_size)
+            return dequantize({"quant_method": MLX_METHOD}, name, tensors, shape), None
         has_scales = name + SCALE_SUFFIX in files
         return rows(name), rows(name + SCALE_SUFFIX) if has_scales else None
 
@@ -418,9 +446,17 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
         norm = model.get_submodule(parts.attn_norm).state_dict()
         kept_norm = {f"{parts.embedding}.attn_norm.{k}": t for k, t in norm.items()}
     kept = {**kept_norm, **kept}
+    # A serial table's residual block is the embedding itself: one mlx-lm quantized stays so.
+    residual_parts = verbatim_embedding(weights, planned)
+    if residual_parts:
+        record["table"]["residual_dtype"] = MLX_QUANTIZED_BLOCK
     specs = []
     for block in BLOCKS:
         name = f"{parts.embedding}.{block}"
+        if block == "residual" and residual_parts:
+            for part, (_, meta) in residual_parts.items():
+                specs.append(TensorSpec(f"{name}.{part}", meta.dtype, tuple(meta.shape)))
+            continue
         specs.append(TensorSpec(name, dtypes[block], (vocab_size, layout.block_width(block))))
         if dtypes[block] == torch.int8:
             shape = (vocab_size, len(segments(layout, block)))
@@ -434,9 +470,14 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
     def table() -> Iterator[tuple[str, Tensor]]:
         rows = table_rows(token_local, layout, dtypes, vocab_size, options.progress)
         for block, _, stored, scales in rows:
+            if block == "residual" and residual_parts:
+                continue
             yield f"{parts.embedding}.{block}", stored
             if scales is not None:
                 yield f"{parts.embedding}.{block}{SCALE_SUFFIX}", scales
+        for part, (stored_name, _) in residual_parts.items():  # byte for byte
+            for rows in weights.checkpoint.folder.row_blocks(stored_name, COPY_BLOCK_BYTES):
+                yield f"{parts.embedding}.residual.{part}", rows
 
     def copies() -> Iterator[tuple[str, Tensor]]:  # runs beside the table, in a thread
         for name, tensor in kept.items():
@@ -445,7 +486,7 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
                 yield name, rows.to(stored_dtype(name, rows))
 
     def check_rows(tmp: Path) -> None:
-        read = folder_reader(tmp, parts.embedding)
+        read = folder_reader(tmp, parts.embedding, layout.hidden_size)
         self_check(weights, planned, read, table_dtype, options, record)
 
     def save_extras(tmp: Path) -> None:
@@ -636,7 +677,7 @@ def check_folder_rows(
     vocab_size = embedding.shape[0]
     ids = sample_ids(vocab_size, special_token_ids(model.config, None), count or SAMPLE_ROWS)
     expected = layer0_reference(model, parts, layout, lambda i: rows_at(embedding, i), ids)
-    read = folder_reader(Path(out), record["table"]["module"])
+    read = folder_reader(Path(out), record["table"]["module"], layout.hidden_size)
     table_dtype = TABLE_DTYPES[record["table"]["dtype"]]
     tolerance = tolerance_for(table_dtype, model_dtype)
     return compare_rows(stored_rows(read, ids, layout), expected, ids, layout, tolerance)

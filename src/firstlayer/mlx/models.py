@@ -362,9 +362,13 @@ class TablePlan:
         weights = {}
         for block in BLOCKS:
             rows = stored.get(f"{self.folder_embedding}.{block}")
-            if rows is None:  # saved by mlx-lm: `<embedding>.qkv.weight`, `.scales`, `.biases`
-                prefix = f"{self.embedding}.{block}."
-                weights.update({k: v for k, v in stored.items() if k.startswith(prefix)})
+            if rows is None:  # mlx-quantized: `<embedding>.qkv.weight`, `.scales`, `.biases`,
+                # saved by mlx-lm, or by firstlayer from a folder mlx-lm quantized
+                for name in (self.embedding, self.folder_embedding):
+                    prefix = f"{name}.{block}."
+                    for key, value in stored.items():
+                        if key.startswith(prefix):
+                            weights[f"{self.embedding}.{block}.{key.removeprefix(prefix)}"] = value
                 continue
             scales = stored.get(f"{self.folder_embedding}.{block}{SCALE_SUFFIX}")
             if scales is not None:
