@@ -194,3 +194,15 @@ def test_other_modes_are_refused_by_name_leaving_nothing(quantized, tmp_path):
     with pytest.raises(FirstLayerError, match="mode 'mxfp4'"):
         convert_source(str(source), out)
     assert not out.exists()
+
+
+def test_mlx_convert_quantizes_the_16_bit_block_of_a_converted_folder(quantized, tmp_path):
+    """The q/k/v block stays 16-bit unless asked: `mlx_lm.convert -q` of the converted folder
+    quantizes it like an embedding, and leaves what was quantized as it was."""
+    _, out = quantized("llama", 4)
+    mlx_convert(str(out), str(tmp_path / "q"), quantize=True, q_bits=8, trust_remote_code=True)
+    model, tokenizer = mlx_lm.load(str(tmp_path / "q"), trust_remote_code=True)
+    table = model.model.embed_tokens
+    assert type(table.qkv).__name__ == "QuantizedEmbedding" and table.qkv.bits == 8
+    assert table.residual.bits == 4
+    assert mlx_lm.generate(model, tokenizer, "w5 w17", max_tokens=4)
