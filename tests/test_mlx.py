@@ -15,6 +15,7 @@ mlx_lm = pytest.importorskip(
 )
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from conftest import FAMILIES, build_tiny  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
@@ -214,6 +215,34 @@ def test_table_dtypes_read_as_transformers_reads_them(mlx_folders):
         with torch.no_grad():
             expected = load(folder)(torch.tensor(PROMPT)).logits.numpy()
         assert max_diff(model(mx.array(PROMPT)), mx.array(expected)) <= FLOAT32_ROUNDING
+
+
+def test_int8_table_stays_int8_in_mlx(mlx_folders):
+    """An int8 table is held as its codes and scales, dequantized per looked-up row to what
+    `table.codec.dequantize_int8` gives from the folder's tensors, to the bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from firstlayer.table.codec import column_segments, dequantize_int8
+    from firstlayer.table.layout import SCALE_SUFFIX, TableLayout, segments
+
+    folder = mlx_folders("gpt_neox", table_dtype="int8").precomputed
+    model, _ = mlx_lm.load(str(folder), trust_remote_code=True)
+    table = model.model.embed_in
+    record = json.loads((folder / "config.json").read_text())["firstlayer"]
+    layout = TableLayout.from_dict(record["table"])
+    stored = {}
+    for file in folder.glob("*.safetensors"):
+        stored.update(load_file(file))
+    ids = list(range(0, model.args.vocab_size, 7))
+    for block in ("residual", "qkv"):
+        rows = getattr(table, block)
+        assert rows.codes.dtype == mx.int8 and "weight" not in rows
+        name = f"{record['table']['module']}.{block}"
+        segment = column_segments(segments(layout, block))
+        expected = dequantize_int8(stored[name][ids], stored[name + SCALE_SUFFIX][ids], segment)
+        got = rows(mx.array(ids)).astype(mx.float32)
+        assert torch.equal(torch.from_numpy(np.array(got)), expected), block
 
 
 def test_lora_on_layer_0_is_refused_by_name(mlx_folders):

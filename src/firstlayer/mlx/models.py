@@ -140,10 +140,24 @@ class MlxTableEmbedding(nn.Module):
     for layer 0. Each block is an `nn.Embedding`, so `mlx_lm.convert --quantize` quantizes the
     table as it quantizes an embedding."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, qkv_width: int, has_head: bool):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        qkv_width: int,
+        has_head: bool,
+        int8: dict[str, tuple[tuple[int, int], ...]] | None = None,
+        dtype: str = "float32",
+    ):
         super().__init__()
-        self.residual = nn.Embedding(vocab_size, hidden_size)
-        self.qkv = nn.Embedding(vocab_size, qkv_width)
+        int8 = int8 or {}
+        widths = {"residual": hidden_size, "qkv": qkv_width}
+        for block, width in widths.items():
+            if block in int8:  # the residual block in the model's dtype, as transformers reads it
+                out = getattr(mx, dtype) if block == "residual" else mx.float32
+                setattr(self, block, Int8Rows(vocab_size, width, int8[block], out))
+            else:
+                setattr(self, block, nn.Embedding(vocab_size, width))
         if has_head:  # a parallel folder's LM head, where the family always ties it (Cohere)
             self.head = nn.Linear(hidden_size, vocab_size, bias=False)
 
@@ -159,6 +173,28 @@ class MlxTableEmbedding(nn.Module):
     @property
     def weight(self) -> mx.array:
         return self.residual.weight  # families that multiply by the embedding's weight directly
+
+
+class Int8Rows(nn.Module):
+    """An int8 block as the folder stores it, codes (V, W) and a float32 scale per row and
+    column segment (V, S), dequantized per looked-up row: the float32 product
+    `table.codec.dequantize_int8` computes, at lookup instead of at load, so the table stays int8
+    in memory (a quarter of float32's bytes, plus the scales)."""
+
+    def __init__(self, vocab_size: int, width: int, ranges: tuple[tuple[int, int], ...], dtype):
+        super().__init__()
+        self.codes = mx.zeros((vocab_size, width), dtype=mx.int8)
+        self.scales = mx.zeros((vocab_size, len(ranges)), dtype=mx.float32)
+        segment = [0] * width
+        for index, (start, stop) in enumerate(ranges):
+            segment[start:stop] = [index] * (stop - start)
+        self._segment = mx.array(segment)  # a column's scale; "_": not a weight
+        self._dtype = dtype
+        self.freeze()
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        rows = self.codes[ids].astype(mx.float32) * mx.take(self.scales[ids], self._segment, -1)
+        return rows.astype(self._dtype)
 
 
 class PrecomputedLayer0Projection(nn.Module):
@@ -336,9 +372,22 @@ class TablePlan:
             args.config_json,
         )
 
+    def int8_blocks(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """The blocks stored int8, with each one's column segments."""
+        table = self.record["table"]
+        dtypes = {"residual": table.get("residual_dtype", table["dtype"]), "qkv": table["dtype"]}
+        return {b: segments(self.layout, b) for b in BLOCKS if dtypes[b] == "int8"}
+
     def install(self, model: nn.Module) -> None:
         hidden = self.layout.hidden_size
-        table = MlxTableEmbedding(self.vocab_size, hidden, self.layout.qkv_width, bool(self.head))
+        table = MlxTableEmbedding(
+            self.vocab_size,
+            hidden,
+            self.layout.qkv_width,
+            bool(self.head),
+            self.int8_blocks(),
+            self.dtype,
+        )
         replace_module(model, self.embedding, table)
         for (path, folder_name), column in zip(self.projections, self.layout.columns, strict=True):
             start, stop = column.start - hidden, column.stop - hidden
@@ -371,8 +420,10 @@ class TablePlan:
                             weights[f"{self.embedding}.{block}.{key.removeprefix(prefix)}"] = value
                 continue
             scales = stored.get(f"{self.folder_embedding}.{block}{SCALE_SUFFIX}")
-            if scales is not None:
-                rows = dequantize_rows(rows, scales, segments(self.layout, block))
+            if scales is not None:  # int8, kept so (`Int8Rows`)
+                weights[f"{self.embedding}.{block}.codes"] = rows
+                weights[f"{self.embedding}.{block}.scales"] = scales
+                continue
             if block == "residual":
                 rows = rows.astype(getattr(mx, self.dtype))
             weights[f"{self.embedding}.{block}.weight"] = rows
@@ -397,14 +448,3 @@ def checkpoint_name(config_json: str, key: str) -> str:
     model = original_on_meta(json.loads(config_json))
     reverted = list(revert_weight_conversion(model, {key: torch.empty(0, device="meta")}))
     return reverted[0] if len(reverted) == 1 else key
-
-
-def dequantize_rows(
-    codes: mx.array, scales: mx.array, ranges: tuple[tuple[int, int], ...]
-) -> mx.array:
-    """int8 rows (V, W) times their row's (V, S) float32 scale of each column's segment, as
-    `table.codec.dequantize_int8` computes them."""
-    segment = [0] * codes.shape[-1]
-    for index, (start, stop) in enumerate(ranges):
-        segment[start:stop] = [index] * (stop - start)
-    return codes.astype(mx.float32) * mx.take(scales, mx.array(segment), axis=1)
