@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import SUPPORTED_TYPES, VllmNotServed, family_of
-from firstlayer.vllm.models import served_families
+from firstlayer.vllm.classes import served_families
 
 # float32 logprobs of the chosen tokens: eager runs agree to the bit in practice; compiled graphs
 # fuse differently around layer 0.
@@ -57,7 +57,7 @@ def test_every_family_is_served_and_tested_or_refused_with_a_reason():
 def test_plugin_is_an_entry_point_and_registers_every_family():
     from vllm import ModelRegistry
 
-    from firstlayer.vllm.models import architecture
+    from firstlayer.vllm.classes import architecture
 
     plugin = next(e for e in entry_points(group="vllm.general_plugins") if e.name == "firstlayer")
     plugin.load()()
@@ -72,7 +72,7 @@ def test_a_fresh_interpreter_finds_the_precomputed_class_by_entry_point(
     fresh interpreter and inspect the class there (the suite does it in process, see conftest)."""
     from vllm.model_executor.models import registry
 
-    from firstlayer.vllm.models import architecture
+    from firstlayer.vllm.classes import architecture
 
     name = architecture("llama")
     model = registry.ModelRegistry.models[name]
@@ -336,24 +336,26 @@ def test_a_format_1_folder_is_refused_not_run(folders, workdir):
 
 
 def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
-    from firstlayer.vllm.models import not_served_class
+    from firstlayer.vllm.classes import not_served_class
 
     with pytest.raises(FirstLayerError, match="does not serve mpt .vLLM dropped MPT.*gpt_neox"):
         not_served_class("mpt")(vllm_config=None)
 
 
-def test_a_multimodal_folder_is_refused_by_name():
-    """Multimodal folders (transformers only, for now) get a class that says so, rather than
-    vLLM's family class built on a config whose language model is under text_config."""
+def test_a_multimodal_folder_not_served_yet_is_refused_by_name():
+    """Multimodal folders the plugin does not serve yet (all but LLaVA's, tests_vllm/
+    test_multimodal.py) get a class that says so, rather than vLLM's family class."""
     from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
 
-    from firstlayer.vllm.models import architecture, vllm_model_class
+    from firstlayer.vllm.classes import architecture, vllm_model_class
 
-    name = architecture("llava")
-    assert name == "FirstLayerLlavaForConditionalGeneration"
+    load_general_plugins()
+    name = architecture("qwen2_5_vl")
+    assert name == "FirstLayerQwen2_5_VLForConditionalGeneration"
     assert name in ModelRegistry.get_supported_archs()
-    with pytest.raises(FirstLayerError, match="does not serve llava .multimodal.*ImageTextToText"):
-        vllm_model_class("llava")(vllm_config=None)
+    with pytest.raises(FirstLayerError, match="does not serve qwen2_5_vl .*ImageTextToText"):
+        vllm_model_class("qwen2_5_vl")(vllm_config=None)
 
 
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):

@@ -15,7 +15,14 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.families.base import REGISTRY, Family, Parts, VllmNotServed
+from firstlayer.families.base import (
+    REGISTRY,
+    Family,
+    Parts,
+    VllmNotServed,
+    VllmOwnClass,
+    VllmRoute,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,7 +97,9 @@ class Multimodal(Family):
     is_multimodal = True
     notes = "vision tower and projector kept; image positions run layer 0's kept norm and q/k/v"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {t: {} for t in model_types}
-    vllm = VllmNotServed("multimodal folders run in transformers only, for now")
+    vllm = VllmNotServed("of the multimodal folders it serves LLaVA's only, for now")
+    # vLLM's own wrapper class, its language model's layer 0 patched (`vllm.multimodal`).
+    vllm_by_type: ClassVar[Mapping[str, VllmRoute]] = {"llava": VllmOwnClass()}
 
     def text_config(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """A multimodal config.json's language model as a config of its own, under the model

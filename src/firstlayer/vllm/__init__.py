@@ -16,8 +16,8 @@ def register() -> None:
     from firstlayer.families import MULTIMODAL_TYPES, SUPPORTED_TYPES
     from firstlayer.hf.models import register_with_transformers
     from firstlayer.vllm.checks import register_engine_checks
+    from firstlayer.vllm.classes import architecture
     from firstlayer.vllm.lora import guard_front_end
-    from firstlayer.vllm.models import architecture
     from firstlayer.vllm.updates import guard_updates
 
     register_with_transformers()
@@ -28,7 +28,7 @@ def register() -> None:
     names = [architecture(t) for t in (*SUPPORTED_TYPES, *MULTIMODAL_TYPES)]
     for name in names:
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"firstlayer.vllm.models:{name}")
+            ModelRegistry.register_model(name, f"firstlayer.vllm.classes:{name}")
     # Checked where the engine's config is built, before any engine process starts.
     register_engine_checks(names)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from firstlayer.errors import FirstLayerError
-from firstlayer.families import VllmBackend, family_of
+from firstlayer.families import MULTIMODAL_TYPES, VllmBackend, family_of
+from firstlayer.table.layout import TableLayout
 from firstlayer.vllm.quantized import refuse_unrecorded_quantization
 
 # Speculative methods that never touch the target's input embedding or layer 0: a precomputed
@@ -86,13 +87,28 @@ def check_engine(vllm_config: Any) -> None:
     refuse_unrecorded_quantization(vllm_config.model_config.hf_config)
 
 
+def widen_inputs_embeds(model_config: Any) -> None:
+    """The runner's embeddings buffer as wide as a table row, `[x | q k v]`: vLLM sizes it by the
+    text config's `projection_dim` or `projection_size`, else its hidden size."""
+    record = model_config.hf_config.firstlayer
+    text = model_config.hf_text_config
+    if getattr(text, "projection_dim", None) is not None:
+        raise FirstLayerError(
+            "this multimodal folder's text config has a projection_dim, which vLLM would take as "
+            "the width of its embeddings: firstlayer's plugin cannot serve it"
+        )
+    text.projection_size = TableLayout.from_dict(record["table"]).width
+
+
 class EngineChecks:
     """vLLM's `VerifyAndUpdateConfig` for every precomputed architecture (duck-typed: the
     protocol is two static methods)."""
 
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
-        return
+        record = model_config.hf_config.firstlayer
+        if record["model_type"] in MULTIMODAL_TYPES:
+            widen_inputs_embeds(model_config)
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
