@@ -206,3 +206,12 @@ def test_mlx_convert_quantizes_the_16_bit_block_of_a_converted_folder(quantized,
     assert type(table.qkv).__name__ == "QuantizedEmbedding" and table.qkv.bits == 8
     assert table.residual.bits == 4
     assert mlx_lm.generate(model, tokenizer, "w5 w17", max_tokens=4)
+
+
+def test_analyze_names_the_mlx_method(quantized):
+    from firstlayer.analysis.quantization import quantization_of
+
+    source, _ = quantized("llama", 4)
+    config = json.loads((source / "config.json").read_text())
+    with pytest.raises(FirstLayerError, match="quantized with 'mlx'"):
+        quantization_of(config)

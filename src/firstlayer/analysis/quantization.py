@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from firstlayer.analysis.dims import ModelDims
-from firstlayer.analysis.sources import quantization_method
+from firstlayer.analysis.sources import config_quantization, quantization_method
 from firstlayer.errors import FirstLayerError
 
 # The model's other weights as accelerators run them, when a config is not quantized.
@@ -130,7 +130,7 @@ class Quantization:
 def quantization_of(config: Mapping[str, Any], where: str = "the config") -> Quantization | None:
     """The config's scheme; None for an unquantized config and for GGUF (dequantized as it loads).
     A method the analyser does not count is refused by name, never read as dense."""
-    quantization = config.get("quantization_config")
+    quantization = config_quantization(config)
     if quantization is None:
         return None
     if not isinstance(quantization, Mapping):

@@ -3,7 +3,8 @@ the config a converted folder declares.
 
 A quantized checkpoint stores each quantized Linear as packed integers or FP8 values beside their
 scales (and zero points): compressed-tensors (int-, float-, pack-quantized), fine-grained FP8
-(`quant_method: fp8`, block scales), GPTQ and AWQ (GEMM) int4. Conversion dequantizes layer 0's
+(`quant_method: fp8`, block scales), GPTQ and AWQ (GEMM) int4, and mlx-lm's own affine format
+(method "mlx", embeddings quantized too). Conversion dequantizes layer 0's
 eliminated Linears, in float32, to build the table (every product below is an integer or an e4m3
 value times its scale: exact in float32 for a float16 or bfloat16 scale, rounded in the last bit
 for a float32 one, fine-grained FP8's), and copies every other tensor as it is stored. The
@@ -15,7 +16,9 @@ Each format's layout, checked to the bit against the library that reads it: comp
 `W = (q - zero) * scale` (pack-quantized: signed codes + 2^(b-1), packed along `in`, zero points
 along `out`); fp8 `W = weight * weight_scale_inv[i // bo, j // bi]` (a multiplier, despite its
 name); GPTQ v1 `W = scales[g, n] * (q[k, n] - (qzeros[g, n] + 1))`, codes packed along `in`; AWQ
-`W = scales[g, n] * (q[k, n] - qzeros[g, n])`, packed along `out` in AWQ's interleaved order.
+`W = scales[g, n] * (q[k, n] - qzeros[g, n])`, packed along `out` in AWQ's interleaved order;
+mlx `W = scales * q + biases` per group along `in`, each step rounded in the scales' dtype, codes
+one little-endian bit stream through uint32 words.
 """
 
 from __future__ import annotations
