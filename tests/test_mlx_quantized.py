@@ -196,6 +196,20 @@ def test_other_modes_are_refused_by_name_leaving_nothing(quantized, tmp_path):
     assert not out.exists()
 
 
+def test_unknown_widths_are_refused_by_name_leaving_nothing(quantized, tmp_path):
+    import shutil
+
+    source, _ = quantized("llama", 4)
+    edited = tmp_path / "edited"
+    shutil.copytree(source, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization"]["model.layers.1.mlp.up_proj"] = {"group_size": 64, "bits": 7}
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FirstLayerError, match=r"7-bit weights \(model.layers.1.mlp.up_proj"):
+        convert_source(str(edited), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_mlx_convert_quantizes_the_16_bit_block_of_a_converted_folder(quantized, tmp_path):
     """The q/k/v block stays 16-bit unless asked: `mlx_lm.convert -q` of the converted folder
     quantizes it like an embedding, and leaves what was quantized as it was."""
