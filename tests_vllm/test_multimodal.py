@@ -1,8 +1,8 @@
-"""Converted multimodal folders (LLaVA) in vLLM: image and text requests in one batch, several
-images in one prompt, prefix caching on, give the original folder's tokens and logprobs; image
-positions run layer 0's kept norm and q/k/v, token positions the table. Families the plugin does
-not serve yet are refused by name. The venv imports vLLM's multimodal models (torchvision's CUDA
-build beside the CPU torch)."""
+"""Converted multimodal folders (LLaVA, Mistral 3) in vLLM: image and text requests in one
+batch, several images in one prompt, prefix caching on, a chat with a data-URL image, give the
+original folder's tokens and logprobs; image positions run layer 0's kept norm and q/k/v, token
+positions the table. Families the plugin does not serve yet are refused by name. The venv imports
+vLLM's multimodal models (torchvision's CUDA build beside the CPU torch)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,8 +22,7 @@ from conftest import close, engine, rewrite_folder
 
 from firstlayer.errors import FirstLayerError
 
-IMAGE = 250
-PER_IMAGE = 16  # a 32 x 32 image in 8 x 8 patches, the class token dropped
+IMAGE = 250  # the image placeholder's id in both tiny vocabularies
 NEW_TOKENS = 8
 
 # The transformers side's tiny multimodal configs, by path.
@@ -31,39 +33,145 @@ tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
 
 
-def processor():
-    """A word tokenizer (t0 .. t255, `<image>` at IMAGE) and CLIP's image processor: vLLM
-    expands each `<image>` into its placeholders."""
+def word_tokenizer(specials: dict[str, int]):
+    """A word tokenizer: t0 .. t255, and the image tokens `specials` at their ids (as saved and
+    read back by vLLM, a word splits before its digits after the first: prompts use t0 .. t9)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocabulary = {f"t{i}": i for i in range(256) if i != IMAGE} | {"<image>": IMAGE}
+    taken = set(specials.values())
+    vocabulary = {f"t{i}": i for i in range(256) if i not in taken} | specials
     words = Tokenizer(models.WordLevel(vocabulary, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words,
-        unk_token="t0",
-        bos_token="t1",
-        eos_token="t2",
-        pad_token="t0",
-        extra_special_tokens={"image_token": "<image>"},
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
     )
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+# A chat's parts in order, an image as the family's placeholder (OpenAI's content format).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}PLACEHOLDER "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+)
+
+
+def llava_processor():
+    """CLIP's image processor: a 32 x 32 image in 8 x 8 patches, the class token dropped, is 16
+    placeholders."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     return LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=word_tokenizer({"<image>": IMAGE}),
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "<image>"),
     )
 
 
-# A chat's parts in order, an image as its placeholder (OpenAI's content format).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-)
+def pixtral_processor():
+    """Pixtral's: 4 x 4 patches merged 2 x 2, 4 placeholders with a row break and an end."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tokens = {"[IMG]": IMAGE, "[IMG_BREAK]": IMAGE + 1, "[IMG_END]": IMAGE + 2}
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8),
+        tokenizer=word_tokenizer(tokens),
+        patch_size=8,
+        spatial_merge_size=2,
+        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "[IMG]"),
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    processor: Callable[[], Any]
+    placeholder: str  # what a prompt writes for an image
+    per_image: int  # IMAGE positions per image
+    text_config: dict = field(default_factory=dict)  # at a head size vLLM's CPU attention takes
+
+
+WIDE = dict(hidden_size=128, num_attention_heads=4)
+CASES = {
+    "llava": Case(llava_processor, "<image>", 16, WIDE),
+    "mistral3": Case(pixtral_processor, "[IMG]", 4, dict(WIDE, head_dim=32)),
+}
+
+
+def vision_under_vllm_names(tensors: dict) -> dict:
+    """A CLIP tower's weights as vLLM's LLaVA loads them (`vision_tower.vision_model.*`, as
+    llava-hf checkpoints store them; transformers 5.19 saves a built model's without it)."""
+    renamed = {}
+    for name, tensor in tensors.items():
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+                name = prefix + "vision_model." + name.removeprefix(prefix)
+                break
+        renamed[name] = tensor
+    return renamed
+
+
+def rename_vision(tensors: dict, config: dict) -> None:
+    renamed = vision_under_vllm_names(tensors)
+    tensors.clear()
+    tensors.update(renamed)
+
+
+def halve_kept(tensors: dict, config: dict) -> None:
+    for module in config["firstlayer"]["kept_layer0"]["modules"]:
+        tensors[f"{module}.weight"] = tensors[f"{module}.weight"] * 0.5
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def folders(request, workdir):
+    """A family's original folder, its conversion, and the conversion with layer 0's kept q/k/v
+    halved (image positions then differ, token positions not)."""
+    from safetensors.torch import load_file, save_file
+
+    from firstlayer.conversion import convert
+
+    model_type, case = request.param, CASES[request.param]
+    config = json.loads(json.dumps(tiny.CONFIGS[model_type]))
+    config["text_config"].update(case.text_config)
+    tiny.CONFIGS[model_type], saved = config, tiny.CONFIGS[model_type]
+    try:
+        model = tiny.build(model_type)
+    finally:
+        tiny.CONFIGS[model_type] = saved
+    parts = case.processor()
+    original = workdir / f"{model_type}-original"
+    model.save_pretrained(original)
+    parts.save_pretrained(original)
+    precomputed = convert(model, workdir / f"{model_type}-precomputed", tokenizer=parts.tokenizer)
+    parts.save_pretrained(precomputed)
+    if model_type == "llava":  # CLIP's tower under vLLM's names
+        weights = original / "model.safetensors"
+        save_file(vision_under_vllm_names(load_file(weights)), weights, metadata={"format": "pt"})
+        rewrite_folder(precomputed, rename_vision)
+    halved = workdir / f"{model_type}-halved-kept"
+    shutil.copytree(precomputed, halved)
+    rewrite_folder(halved, halve_kept)
+    return case, original, precomputed, halved
+
+
+def requests(placeholder: str) -> list[dict]:
+    """One image, two images, and text only, in one batch."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    return [
+        {"prompt": f"t5 t9 {placeholder} t7 t8", "multi_modal_data": {"image": images[0]}},
+        {
+            "prompt": f"t3 {placeholder} t4 {placeholder} t6",
+            "multi_modal_data": {"image": images},
+        },
+        {"prompt": "t4 t5 t6 t7 t8"},
+    ]
 
 
 def chat_with_an_image() -> list[dict]:
@@ -79,85 +187,17 @@ def chat_with_an_image() -> list[dict]:
     image.save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     content = [
-        {"type": "text", "text": "t30 t31"},
+        {"type": "text", "text": "t3 t4"},
         {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": "t32"},
+        {"type": "text", "text": "t5"},
     ]
     return [{"role": "user", "content": content}]
-
-
-def vision_under_vllm_names(tensors: dict) -> dict:
-    """The CLIP tower's weights as vLLM's LLaVA loads them (`vision_tower.vision_model.*`, as
-    llava-hf checkpoints store them; transformers 5.19 saves a built model's without it)."""
-    renamed = {}
-    for name, tensor in tensors.items():
-        for prefix in ("model.vision_tower.", "vision_tower."):
-            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-                name = prefix + "vision_model." + name.removeprefix(prefix)
-                break
-        renamed[name] = tensor
-    return renamed
-
-
-@pytest.fixture(scope="module")
-def llava(workdir):
-    """The original LLaVA folder, its conversion, and the conversion with layer 0's kept q/k/v
-    halved (image positions then differ, token positions not)."""
-    from safetensors.torch import load_file, save_file
-
-    from firstlayer.conversion import convert
-
-    config = json.loads(json.dumps(tiny.CONFIGS["llava"]))
-    config["text_config"].update(hidden_size=128, num_attention_heads=4)  # head size 32
-    tiny.CONFIGS["llava"], saved = config, tiny.CONFIGS["llava"]
-    try:
-        model = tiny.build("llava")
-    finally:
-        tiny.CONFIGS["llava"] = saved
-    parts = processor()
-    original = workdir / "llava-original"
-    model.save_pretrained(original)
-    parts.save_pretrained(original)
-    weights = original / "model.safetensors"
-    save_file(vision_under_vllm_names(load_file(weights)), weights, metadata={"format": "pt"})
-    precomputed = convert(model, workdir / "llava-precomputed", tokenizer=parts.tokenizer)
-    parts.save_pretrained(precomputed)
-
-    def rename_vision(tensors: dict, config: dict) -> None:
-        renamed = vision_under_vllm_names(tensors)
-        tensors.clear()
-        tensors.update(renamed)
-
-    rewrite_folder(precomputed, rename_vision)
-    halved = workdir / "llava-halved-kept"
-    shutil.copytree(precomputed, halved)
-
-    def halve(tensors: dict, config: dict) -> None:
-        for module in config["firstlayer"]["kept_layer0"]["modules"]:
-            tensors[f"{module}.weight"] = tensors[f"{module}.weight"] * 0.5
-
-    rewrite_folder(halved, halve)
-    return original, precomputed, halved
-
-
-def requests() -> list[dict]:
-    """One image, two images, and text only, in one batch."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
-    return [
-        {"prompt": "t5 t9 <image> t7 t8", "multi_modal_data": {"image": images[0]}},
-        {"prompt": "t11 <image> t12 <image> t13", "multi_modal_data": {"image": images}},
-        {"prompt": "t20 t21 t22 t23"},
-    ]
 
 
 RUNS: dict[Path, list] = {}
 
 
-def run(folder: Path) -> list[tuple[list[int], list[float], list[int]]]:
+def run(folder: Path, case: Case) -> list[tuple[list[int], list[float], list[int]]]:
     """(tokens, logprobs, prompt ids) per request, the batch run twice on one engine with prefix
     caching on: the second pass reads the first's cached blocks."""
     from vllm import SamplingParams
@@ -172,7 +212,9 @@ def run(folder: Path) -> list[tuple[list[int], list[float], list[int]]]:
         )
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
         try:
-            passes = [llm.generate(requests(), params, use_tqdm=False) for _ in range(2)]
+            passes = [
+                llm.generate(requests(case.placeholder), params, use_tqdm=False) for _ in range(2)
+            ]
             # What vLLM's OpenAI server does with a chat: the same template and media loading.
             passes.append(llm.chat(chat_with_an_image(), params, use_tqdm=False))
         finally:
@@ -192,23 +234,24 @@ def run(folder: Path) -> list[tuple[list[int], list[float], list[int]]]:
     return RUNS[folder]
 
 
-def test_image_and_text_requests_give_the_original_tokens_and_logprobs(llava):
-    original, precomputed, _ = llava
-    expected, actual = run(original), run(precomputed)
-    # The placeholders were expanded: 1 and 2 images of PER_IMAGE positions, then text only;
-    # after the batch's second pass, the chat with one image.
-    assert [p.count(IMAGE) for _, _, p in expected] == [PER_IMAGE, 2 * PER_IMAGE, 0] * 2 + [
-        PER_IMAGE
+def test_image_and_text_requests_give_the_original_tokens_and_logprobs(folders):
+    case, original, precomputed, _ = folders
+    expected, actual = run(original, case), run(precomputed, case)
+    # The placeholders were expanded: 1 and 2 images, then text only; after the batch's second
+    # pass, the chat with one image.
+    per_image = case.per_image
+    assert [p.count(IMAGE) for _, _, p in expected] == [per_image, 2 * per_image, 0] * 2 + [
+        per_image
     ]
     for (tokens, logprobs, _), (got_tokens, got_logprobs, _) in zip(expected, actual, strict=True):
         assert got_tokens == tokens
         assert max(abs(a - b) for a, b in zip(logprobs, got_logprobs, strict=True)) <= 1e-4
 
 
-def test_image_positions_run_the_kept_layer0_and_token_positions_the_table(llava):
+def test_image_positions_run_the_kept_layer0_and_token_positions_the_table(folders):
     """Halving the kept q/k/v changes every image request and no text-only one."""
-    _, precomputed, halved = llava
-    expected, actual = run(precomputed), run(halved)
+    case, _, precomputed, halved = folders
+    expected, actual = run(precomputed, case), run(halved, case)
     for i, ((_, logprobs, prompt), (_, got, _)) in enumerate(zip(expected, actual, strict=True)):
         difference = max(abs(a - b) for a, b in zip(logprobs, got, strict=True))
         if IMAGE in prompt:
@@ -217,10 +260,10 @@ def test_image_positions_run_the_kept_layer0_and_token_positions_the_table(llava
             assert difference == 0, i
 
 
-def test_prompt_embeddings_are_refused_at_config(llava):
+def test_prompt_embeddings_are_refused_at_config(folders):
     from vllm.engine.arg_utils import EngineArgs
 
-    args = EngineArgs(model=str(llava[1]), enable_prompt_embeds=True, skip_tokenizer_init=True)
+    args = EngineArgs(model=str(folders[2]), enable_prompt_embeds=True, skip_tokenizer_init=True)
     with pytest.raises(Exception, match="cannot take prompt embeddings"):
         args.create_engine_config()
 
@@ -228,7 +271,9 @@ def test_prompt_embeddings_are_refused_at_config(llava):
 def test_multimodal_families_not_served_yet_are_refused_by_name():
     from firstlayer.vllm.classes import vllm_model_class
 
-    with pytest.raises(FirstLayerError, match="does not serve gemma3 .*LLaVA's only"):
+    with pytest.raises(
+        FirstLayerError, match="does not serve gemma3 .*LLaVA's and Mistral 3's only"
+    ):
         vllm_model_class("gemma3")(vllm_config=None)
 
 

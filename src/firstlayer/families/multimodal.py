@@ -97,9 +97,13 @@ class Multimodal(Family):
     is_multimodal = True
     notes = "vision tower and projector kept; image positions run layer 0's kept norm and q/k/v"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {t: {} for t in model_types}
-    vllm = VllmNotServed("of the multimodal folders it serves LLaVA's only, for now")
+    vllm = VllmNotServed(
+        "of the multimodal folders it serves LLaVA's and Mistral 3's only, for now"
+    )
     # vLLM's own wrapper class, its language model's layer 0 patched (`vllm.multimodal`).
-    vllm_by_type: ClassVar[Mapping[str, VllmRoute]] = {"llava": VllmOwnClass()}
+    vllm_by_type: ClassVar[Mapping[str, VllmRoute]] = dict.fromkeys(
+        ("llava", "mistral3"), VllmOwnClass()
+    )
 
     def text_config(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """A multimodal config.json's language model as a config of its own, under the model
