@@ -1,8 +1,8 @@
-"""Converted multimodal folders (LLaVA, Mistral 3) in vLLM: image and text requests in one
-batch, several images in one prompt, prefix caching on, a chat with a data-URL image, give the
-original folder's tokens and logprobs; image positions run layer 0's kept norm and q/k/v, token
-positions the table. Families the plugin does not serve yet are refused by name. The venv imports
-vLLM's multimodal models (torchvision's CUDA build beside the CPU torch)."""
+"""Converted multimodal folders (LLaVA, Mistral 3, Qwen2.5-VL) in vLLM: image and text
+requests in one batch, several images in one prompt, prefix caching on, a chat with a data-URL
+image, give the original folder's tokens and logprobs; image positions run layer 0's kept norm and
+q/k/v, token positions the table. Families the plugin does not serve yet are refused by name. The
+venv imports vLLM's multimodal models (torchvision's CUDA build beside the CPU torch)."""
 
 from __future__ import annotations
 
@@ -86,18 +86,56 @@ def pixtral_processor():
     )
 
 
+def qwen_processor():
+    """Qwen2-VL's: a 32 x 32 image in 4 x 4 patches merged 2 x 2, 16 placeholders between a
+    start and an end token."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tokens = {"<|image_pad|>": IMAGE, "<|video_pad|>": 251, "<|vision_start|>": 252}
+    sizes = dict(
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        tokenizer=word_tokenizer(tokens | {"<|vision_end|>": 253}),
+        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", QWEN_IMAGE),
+    )
+
+
+QWEN_IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
+
+
 @dataclass(frozen=True)
 class Case:
     processor: Callable[[], Any]
     placeholder: str  # what a prompt writes for an image
     per_image: int  # IMAGE positions per image
     text_config: dict = field(default_factory=dict)  # at a head size vLLM's CPU attention takes
+    extra: dict = field(default_factory=dict)  # more of the tiny config
+    limits: dict = field(default_factory=lambda: {"image": 2})  # items per prompt
 
 
 WIDE = dict(hidden_size=128, num_attention_heads=4)
 CASES = {
     "llava": Case(llava_processor, "<image>", 16, WIDE),
     "mistral3": Case(pixtral_processor, "[IMG]", 4, dict(WIDE, head_dim=32)),
+    "qwen2_5_vl": Case(
+        qwen_processor,
+        QWEN_IMAGE,
+        16,
+        dict(
+            WIDE, rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6], rope_theta=1e4)
+        ),
+        extra=dict(
+            vision_config=dict(tiny.CONFIGS["qwen2_5_vl"]["vision_config"], out_hidden_size=128)
+        ),
+        limits={"image": 2, "video": 0},
+    ),
 }
 
 
@@ -136,6 +174,7 @@ def folders(request, workdir):
     model_type, case = request.param, CASES[request.param]
     config = json.loads(json.dumps(tiny.CONFIGS[model_type]))
     config["text_config"].update(case.text_config)
+    config.update(case.extra)
     tiny.CONFIGS[model_type], saved = config, tiny.CONFIGS[model_type]
     try:
         model = tiny.build(model_type)
@@ -207,7 +246,7 @@ def run(folder: Path, case: Case) -> list[tuple[list[int], list[float], list[int
             folder,
             skip_tokenizer_init=False,
             enable_prefix_caching=True,
-            limit_mm_per_prompt={"image": 2},
+            limit_mm_per_prompt=case.limits,
             max_num_batched_tokens=512,
         )
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
@@ -272,7 +311,7 @@ def test_multimodal_families_not_served_yet_are_refused_by_name():
     from firstlayer.vllm.classes import vllm_model_class
 
     with pytest.raises(
-        FirstLayerError, match="does not serve gemma3 .*LLaVA's and Mistral 3's only"
+        FirstLayerError, match="does not serve gemma3 .*LLaVA's, Mistral 3's and Qwen2.5-VL's only"
     ):
         vllm_model_class("gemma3")(vllm_config=None)
 
