@@ -188,10 +188,11 @@ def checkpoint_weights(
     def source_fingerprint() -> str:
         # Every weight of the state dict (a quantized Linear's as its stored tensors): copied,
         # eliminated, or the embedding (also under the name of an LM head tied to it).
-        embedding_sha256 = embedding.sha256()
+        embedding_sha256 = None
         entries = []
         for name, tensor in fingerprint_names(checkpoint).items():
             if name not in digests and names[name] == embedding.name:
+                embedding_sha256 = embedding_sha256 or embedding.sha256()
                 digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
             elif name not in digests:  # a quantized embedding's stored tensors
                 digests[name] = (
@@ -222,8 +223,8 @@ def embedding_rows(checkpoint: Checkpoint, module: str, dtype: torch.dtype) -> C
 
 
 class QuantizedRows(CheckpointRows):
-    """A quantized embedding's rows, dequantized a range at a time (exact in its dtype); its
-    sha256 is that of the dequantized rows, as a loaded model would hold them."""
+    """A quantized embedding's rows, dequantized a range at a time (exact in its dtype). The
+    source's fingerprint takes its stored tensors as stored, like any other quantized module's."""
 
     def __init__(self, checkpoint: Checkpoint, module: str, dtype: torch.dtype):
         self.parts = {
@@ -232,24 +233,14 @@ class QuantizedRows(CheckpointRows):
         }
         super().__init__(checkpoint.folder, self.parts["weight"], dtype)
         self.checkpoint, self.module = checkpoint, module
-        self.name = f"{module} (dequantized)"  # its stored tensors are fingerprinted as stored
+        self.name = f"{module} (dequantized)"  # no stored tensor's: none is fingerprinted as it
         self.shape = tuple(checkpoint.model.get_submodule(module).weight.shape)
 
     def __getitem__(self, ids: Tensor | slice) -> Tensor:
         start, stop = row_range(ids)
         tensors = {part: self.folder.rows(name, start, stop) for part, name in self.parts.items()}
         shape = (stop - start, self.shape[1])
-        rows = dequantize(self.checkpoint.quantization, self.module, tensors, shape).to(self.dtype)
-        if start == self._next_row:
-            self._digest.update(memoryview(tensor_bytes(rows)))
-            self._next_row = stop
-        return rows
-
-    def sha256(self) -> str:
-        if self._next_row != self.shape[0]:
-            for start in range(self._next_row, self.shape[0], 4096):
-                self[start : min(start + 4096, self.shape[0])]
-        return self._digest.hexdigest()
+        return dequantize(self.checkpoint.quantization, self.module, tensors, shape).to(self.dtype)
 
 
 def fingerprint_names(checkpoint: Checkpoint) -> dict[str, Tensor]:
