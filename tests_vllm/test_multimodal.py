@@ -1,4 +1,4 @@
-"""Converted multimodal folders (LLaVA, Mistral 3, Qwen2.5-VL) in vLLM: image and text
+"""Converted multimodal folders (Gemma 3, LLaVA, Mistral 3, Qwen2.5-VL) in vLLM: image and text
 requests in one batch, several images in one prompt, prefix caching on, a chat with a data-URL
 image, give the original folder's tokens and logprobs; image positions run layer 0's kept norm and
 q/k/v, token positions the table. Families the plugin does not serve yet are refused by name. The
@@ -33,18 +33,25 @@ tiny = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tiny)
 
 
-def word_tokenizer(specials: dict[str, int]):
+def word_tokenizer(specials: dict[str, int], **named: str):
     """A word tokenizer: t0 .. t255, and the image tokens `specials` at their ids (as saved and
     read back by vLLM, a word splits before its digits after the first: prompts use t0 .. t9)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     taken = set(specials.values())
     vocabulary = {f"t{i}": i for i in range(256) if i not in taken} | specials
     words = Tokenizer(models.WordLevel(vocabulary, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Found anywhere in a text, spaces or not (Gemma 3's image sequence has none, and newlines).
+    words.add_tokens([AddedToken(t, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
+        tokenizer_object=words,
+        unk_token="t0",
+        bos_token="t1",
+        eos_token="t2",
+        pad_token="t0",
+        extra_special_tokens=named,
     )
 
 
@@ -64,7 +71,7 @@ def llava_processor():
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ),
-        tokenizer=word_tokenizer({"<image>": IMAGE}),
+        tokenizer=word_tokenizer({"<image>": IMAGE}, image_token="<image>"),
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -83,6 +90,26 @@ def pixtral_processor():
         patch_size=8,
         spatial_merge_size=2,
         chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "[IMG]"),
+    )
+
+
+def gemma_processor():
+    """Gemma 3's: a 32 x 32 image pooled to 4 soft tokens, between a start and an end token and
+    newlines (which vLLM's Gemma 3 looks up in the vocabulary, "\n" to "\n\n\n\n")."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    newlines = {"\n" * n: 239 + n for n in range(1, 5)}
+    tokens = {"<image_soft_token>": IMAGE, "<start_of_image>": 251, "<end_of_image>": 252}
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=word_tokenizer(
+            tokens | newlines,
+            image_token="<image_soft_token>",
+            boi_token="<start_of_image>",
+            eoi_token="<end_of_image>",
+        ),
+        image_seq_length=4,
+        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "<start_of_image>"),
     )
 
 
@@ -122,6 +149,7 @@ class Case:
 
 WIDE = dict(hidden_size=128, num_attention_heads=4)
 CASES = {
+    "gemma3": Case(gemma_processor, "<start_of_image>", 4, WIDE),
     "llava": Case(llava_processor, "<image>", 16, WIDE),
     "mistral3": Case(pixtral_processor, "[IMG]", 4, dict(WIDE, head_dim=32)),
     "qwen2_5_vl": Case(
@@ -140,8 +168,8 @@ CASES = {
 
 
 def vision_under_vllm_names(tensors: dict) -> dict:
-    """A CLIP tower's weights as vLLM's LLaVA loads them (`vision_tower.vision_model.*`, as
-    llava-hf checkpoints store them; transformers 5.19 saves a built model's without it)."""
+    """A CLIP or SigLIP tower's weights as vLLM loads them (`vision_tower.vision_model.*`, as
+    released checkpoints store them; transformers 5.19 saves a built model's without it)."""
     renamed = {}
     for name, tensor in tensors.items():
         for prefix in ("model.vision_tower.", "vision_tower."):
@@ -186,7 +214,7 @@ def folders(request, workdir):
     parts.save_pretrained(original)
     precomputed = convert(model, workdir / f"{model_type}-precomputed", tokenizer=parts.tokenizer)
     parts.save_pretrained(precomputed)
-    if model_type == "llava":  # CLIP's tower under vLLM's names
+    if model_type in ("gemma3", "llava"):  # CLIP's and SigLIP's towers under vLLM's names
         weights = original / "model.safetensors"
         save_file(vision_under_vllm_names(load_file(weights)), weights, metadata={"format": "pt"})
         rewrite_folder(precomputed, rename_vision)
@@ -310,10 +338,9 @@ def test_prompt_embeddings_are_refused_at_config(folders):
 def test_multimodal_families_not_served_yet_are_refused_by_name():
     from firstlayer.vllm.classes import vllm_model_class
 
-    with pytest.raises(
-        FirstLayerError, match="does not serve gemma3 .*LLaVA's, Mistral 3's and Qwen2.5-VL's only"
-    ):
-        vllm_model_class("gemma3")(vllm_config=None)
+    for model_type in ("qwen3_vl", "idefics3"):
+        with pytest.raises(FirstLayerError, match=f"does not serve {model_type} .*Qwen2.5-VL's"):
+            vllm_model_class(model_type)(vllm_config=None)
 
 
 def test_this_venv_imports_vllms_multimodal_models():

@@ -98,11 +98,12 @@ class Multimodal(Family):
     notes = "vision tower and projector kept; image positions run layer 0's kept norm and q/k/v"
     defaults: ClassVar[dict[str, dict[str, Any]]] = {t: {} for t in model_types}
     vllm = VllmNotServed(
-        "of the multimodal folders it serves LLaVA's, Mistral 3's and Qwen2.5-VL's only, for now"
+        "of the multimodal folders it serves Gemma 3's, LLaVA's, Mistral 3's and Qwen2.5-VL's "
+        "only, for now"
     )
     # vLLM's own wrapper class, its language model's layer 0 patched (`vllm.multimodal`).
     vllm_by_type: ClassVar[Mapping[str, VllmRoute]] = dict.fromkeys(
-        ("llava", "mistral3", "qwen2_5_vl"), VllmOwnClass()
+        ("gemma3", "llava", "mistral3", "qwen2_5_vl"), VllmOwnClass()
     )
 
     def text_config(self, cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import VllmOwnClass, family_of
 from firstlayer.families.multimodal import LANGUAGE_MODEL, TEXT_FAMILIES
-from firstlayer.folder import keeps_attn_norm, kept_layer0, require_files
+from firstlayer.folder import head_norms_in_table, keeps_attn_norm, kept_layer0, require_files
 from firstlayer.table.layout import TableLayout
 from firstlayer.vllm.checks import check_engine
 from firstlayer.vllm.models import (
@@ -48,11 +48,17 @@ def text_route(config: Any) -> VllmOwnClass:
     text_type = config.text_config.model_type
     text_type = TEXT_FAMILIES.get(text_type, text_type)
     route = family_of(text_type).vllm_route(text_type)
-    if not isinstance(route, VllmOwnClass) or route.kind != "serial" or route.head_norms:
+    if not isinstance(route, VllmOwnClass) or route.kind != "serial":
         raise FirstLayerError(
-            f"firstlayer's vLLM plugin serves multimodal folders whose language model is a "
-            f"serial family without q/k norms (Llama, Mistral, Qwen 2); this one's is {text_type}"
-            ": run it with transformers (AutoModelForImageTextToText)"
+            "firstlayer's vLLM plugin serves multimodal folders whose language model is a "
+            f"serial family of vLLM's own classes; this one's is {text_type}: run it with "
+            "transformers (AutoModelForImageTextToText)"
+        )
+    if head_norms_in_table(config.firstlayer, is_parallel=False) and route.head_norms:
+        raise FirstLayerError(
+            "this multimodal folder's table holds q and k after layer 0's q/k norms (written "
+            "before format 6), which its image positions would need applied too: convert the "
+            "source again"
         )
     return route
 
