@@ -476,8 +476,8 @@ def write_converted(weights: Weights, out: str | Path, options: ConvertOptions) 
             if scales is not None:
                 yield f"{parts.embedding}.{block}{SCALE_SUFFIX}", scales
         for part, (stored_name, _) in residual_parts.items():  # byte for byte
-            for rows in weights.checkpoint.folder.row_blocks(stored_name, COPY_BLOCK_BYTES):
-                yield f"{parts.embedding}.residual.{part}", rows
+            for chunk in weights.checkpoint.folder.row_blocks(stored_name, COPY_BLOCK_BYTES):
+                yield f"{parts.embedding}.residual.{part}", chunk
 
     def copies() -> Iterator[tuple[str, Tensor]]:  # runs beside the table, in a thread
         for name, tensor in kept.items():
