@@ -2,6 +2,7 @@
 same way: how often their greedy tokens agree.
 
     .venv/bin/python benchmarks/mlx_quantized.py [SOURCE] [--bits 4 8] [--new-tokens 32]
+        [--dtype float16]
 
 SOURCE (default: SmolLM2-135M-Instruct, `default`) is loaded by firstlayer, saved as a Hugging
 Face folder (the original) and converted; `mlx_lm.convert --quantize` then quantizes each, and
@@ -10,7 +11,9 @@ projections and the table (`MlxTableEmbedding`'s two blocks, as it quantizes an 
 the two quantized models differ by where layer 0's rounding happens. Reported per bit width:
 tokens equal up to the first difference, as a share of all new tokens, and prompts whose whole
 continuation is equal; the same for the unquantized pair, which must agree fully; and, for scale,
-each quantized model against the unquantized original.
+each quantized model against the unquantized original. Last, the quantized original itself
+converted (`firstlayer convert` of the folder mlx-lm quantized: a q/k/v table in the model's
+dtype, the embedding and every other kept tensor as stored) against it: greedy agreement and the largest logit difference over the prompts.
 """
 
 from __future__ import annotations
@@ -60,16 +63,36 @@ def line(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{share:.1%} of new tokens before the first difference, {equal}/{len(a)} prompts equal"
 
 
+def prompt_logits(folder: Path, trust: bool) -> list:
+    """Each prompt's logits at every position, in float32."""
+    import mlx.core as mx
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(folder), trust_remote_code=trust)
+    return [model(mx.array([tokenizer.encode(p)])).astype(mx.float32) for p in PROMPTS]
+
+
+def logit_gap(a: list, b: list) -> str:
+    import mlx.core as mx
+
+    gap = max(float(mx.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    scale = max(float(mx.abs(x).max()) for x in a)
+    return f"largest logit difference {gap:.4f} (largest logit {scale:.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", default="default")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
+    # The dtype mlx_lm.convert casts to before quantizing (as published MLX models are 16-bit);
+    # default: the saved folder's own (float32 for the GGUF default).
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     args = parser.parse_args()
 
     from mlx_lm.convert import convert as mlx_convert
 
-    from firstlayer.conversion import convert
+    from firstlayer.conversion import convert, convert_source
     from firstlayer.hf.loading import load_source
     from firstlayer.mlx.bench import save_original
 
@@ -79,7 +102,10 @@ def main() -> None:
         save_original(loaded.model, root / "original", loaded.tokenizer)
         convert(loaded.model, root / "precomputed", tokenizer=loaded.tokenizer)
         del loaded
-        print(f"{args.source}, {len(PROMPTS)} prompts x {args.new_tokens} greedy tokens")
+        print(
+            f"{args.source}, {len(PROMPTS)} prompts x {args.new_tokens} greedy tokens, "
+            f"quantized in {args.dtype or 'the saved dtype'}"
+        )
         dense = greedy(root / "original", args.new_tokens, False)
         b = greedy(root / "precomputed", args.new_tokens, True)
         print(f"unquantized: {line(dense, b)}")
@@ -90,6 +116,7 @@ def main() -> None:
                     str(root / f"{name}-q{bits}"),
                     quantize=True,
                     q_bits=bits,
+                    dtype=args.dtype,
                     trust_remote_code=name == "precomputed",
                 )
             a = greedy(root / f"original-q{bits}", args.new_tokens, False)
@@ -98,6 +125,12 @@ def main() -> None:
             # What quantization alone moves, for scale: each against the unquantized original.
             print(f"{bits}-bit original against unquantized: {line(dense, a)}")
             print(f"{bits}-bit precomputed against unquantized: {line(dense, b)}")
+            converted, _ = convert_source(str(root / f"original-q{bits}"), root / f"from-q{bits}")
+            c = greedy(converted, args.new_tokens, True)
+            gap = logit_gap(
+                prompt_logits(root / f"original-q{bits}", False), prompt_logits(converted, True)
+            )
+            print(f"{bits}-bit original converted, against it: {line(a, c)}; {gap}")
 
 
 if __name__ == "__main__":
