@@ -4,11 +4,17 @@ runs it with the original's logits, over a prompt, KV-cached decoding and batche
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,7 @@ from firstlayer.analysis.sources import default_gguf_path
 from firstlayer.cli import main
 from firstlayer.errors import FirstLayerError
 from firstlayer.llamacpp.converter import cache_root
-from firstlayer.llamacpp.engine import F32_TYPE, Engine, patched_build_problem
+from firstlayer.llamacpp.engine import F32_TYPE, Engine, llama_server_path, patched_build_problem
 from firstlayer.llamacpp.export import copy_metadata, export_gguf
 
 PROBLEM = patched_build_problem()
@@ -111,6 +117,74 @@ def run_batched(path: Path, prompts: list[list[int]], steps: int) -> tuple[np.nd
             lengths = [n + 1 for n in lengths]
             rows.append(last)
         return np.concatenate(rows), generated
+
+
+@contextmanager
+def llama_server(path: Path, slots: int) -> Iterator[str]:
+    """llama.cpp's llama-server on PATH's model with `slots` parallel slots, keys and values in
+    F32 and flash attention off (as `kv_cache_f32`), on a free local port; yields its address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(llama_server_path()), "-m", str(path), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--parallel", str(slots), "--ctx-size", str(256 * slots)]
+    command += ["--threads", "1", "-ctk", "f32", "-ctv", "f32", "--flash-attn", "off"]
+    log = path.with_suffix(f".server-{port}.log")
+    with open(log, "wb") as sink:  # a pipe would fill up and stall the server
+        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                raise AssertionError(f"llama-server exited: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{address}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"llama-server never became ready: {log.read_text()[-2000:]}")
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def complete(address: str, prompt: list[int], steps: int) -> list[tuple[int, float]]:
+    """One greedy /completion of `steps` tokens: (token id, its logprob) per step."""
+    request = {"prompt": prompt, "n_predict": steps, "temperature": 0, "n_probs": 1}
+    request |= {"ignore_eos": True, "return_tokens": True}
+    body = json.dumps(request).encode()
+    call = urllib.request.Request(
+        f"{address}/completion", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(call, timeout=120) as reply:
+        answer = json.loads(reply.read())
+    return [(step["id"], step["logprob"]) for step in answer["completion_probabilities"]]
+
+
+@pytest.mark.skipif(
+    llama_server_path() is None, reason="no llama-server beside python: `make llama-cpp` builds it"
+)
+def test_llama_servers_parallel_slots_answer_as_for_the_original(tiny):
+    """llama.cpp's own server, 2 parallel slots, 3 requests at once (continuous batching puts
+    several sequences in each batch), then the same 3 again (their prompts from the slots' cache):
+    the precomputed file's greedy tokens are the original's and each token's logprob within
+    float32 rounding."""
+    prompts = [PROMPT, PROMPT[:5] + [33, 34, 35], [256, *range(90, 110)]]
+    answers = {}
+    for name, path in zip(("original", "precomputed"), tiny, strict=True):
+        with llama_server(path, slots=2) as address, ThreadPoolExecutor(3) as pool:
+            answers[name] = [
+                list(pool.map(lambda prompt: complete(address, prompt, DECODE_STEPS), prompts))
+                for _ in range(2)
+            ]
+    for round_original, round_precomputed in zip(*answers.values(), strict=True):
+        for original, precomputed in zip(round_original, round_precomputed, strict=True):
+            assert [t for t, _ in precomputed] == [t for t, _ in original]
+            gap = max(abs(a - b) for (_, a), (_, b) in zip(original, precomputed, strict=True))
+            assert gap < 1e-4, gap
 
 
 def embedding_bytes(path: Path) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,13 @@ def patched_build_problem() -> str | None:
             "llama.cpp/0001-token-qkv.patch (it refuses precomputed files): run `make llama-cpp`"
         )
     return None
+
+
+def llama_server_path() -> Path | None:
+    """llama.cpp's own llama-server from the same patched build, where `make llama-cpp` put it
+    (beside this environment's python), else None."""
+    server = Path(sys.executable).parent / "llama-server"
+    return server if server.is_file() else None
 
 
 class _Log:
