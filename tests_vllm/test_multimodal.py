@@ -224,6 +224,12 @@ def folders(request, workdir):
     return case, original, precomputed, halved
 
 
+# A text before every request, so that each fills whole cache blocks (BLOCK positions) that
+# the batch's second pass finds cached, images included.
+PREFIX = " ".join(f"t{3 + i % 7}" for i in range(30))
+BLOCK = 32  # the smallest block vLLM's CPU attention takes
+
+
 def requests(placeholder: str) -> list[dict]:
     """One image, two images, and text only, in one batch."""
     import numpy as np
@@ -232,12 +238,12 @@ def requests(placeholder: str) -> list[dict]:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
     return [
-        {"prompt": f"t5 t9 {placeholder} t7 t8", "multi_modal_data": {"image": images[0]}},
+        {"prompt": f"{PREFIX} t5 t9 {placeholder} t7 t8", "multi_modal_data": {"image": images[0]}},
         {
-            "prompt": f"t3 {placeholder} t4 {placeholder} t6",
+            "prompt": f"{PREFIX} t3 {placeholder} t4 {placeholder} t6",
             "multi_modal_data": {"image": images},
         },
-        {"prompt": "t4 t5 t6 t7 t8"},
+        {"prompt": f"{PREFIX} t4 t5 t6 t7 t8"},
     ]
 
 
@@ -262,6 +268,11 @@ def chat_with_an_image() -> list[dict]:
 
 
 RUNS: dict[Path, list] = {}
+HITS: dict[Path, int] = {}  # prefix-cache hits (positions) of the batch's second pass
+
+
+def cache_hits(llm: Any) -> int:
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
 
 
 def run(folder: Path, case: Case) -> list[tuple[list[int], list[float], list[int]]]:
@@ -274,14 +285,17 @@ def run(folder: Path, case: Case) -> list[tuple[list[int], list[float], list[int
             folder,
             skip_tokenizer_init=False,
             enable_prefix_caching=True,
+            block_size=BLOCK,
+            disable_log_stats=False,
             limit_mm_per_prompt=case.limits,
             max_num_batched_tokens=512,
         )
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
         try:
-            passes = [
-                llm.generate(requests(case.placeholder), params, use_tqdm=False) for _ in range(2)
-            ]
+            passes = [llm.generate(requests(case.placeholder), params, use_tqdm=False)]
+            before = cache_hits(llm)
+            passes.append(llm.generate(requests(case.placeholder), params, use_tqdm=False))
+            HITS[folder] = cache_hits(llm) - before
             # What vLLM's OpenAI server does with a chat: the same template and media loading.
             passes.append(llm.chat(chat_with_an_image(), params, use_tqdm=False))
         finally:
@@ -310,6 +324,8 @@ def test_image_and_text_requests_give_the_original_tokens_and_logprobs(folders):
     assert [p.count(IMAGE) for _, _, p in expected] == [per_image, 2 * per_image, 0] * 2 + [
         per_image
     ]
+    # The second pass read whole blocks from the cache, on both sides.
+    assert HITS[original] >= 3 * BLOCK and HITS[precomputed] == HITS[original]
     for (tokens, logprobs, _), (got_tokens, got_logprobs, _) in zip(expected, actual, strict=True):
         assert got_tokens == tokens
         assert max(abs(a - b) for a, b in zip(logprobs, got_logprobs, strict=True)) <= 1e-4
