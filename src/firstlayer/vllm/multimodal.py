@@ -1,5 +1,6 @@
-"""Precomputed multimodal folders in vLLM: vLLM's own wrapper class (LLaVA), its language model's
-layer 0 run from the table, image positions through layer 0's kept norm and q/k/v.
+"""Precomputed multimodal folders in vLLM: vLLM's own wrapper class (Gemma 3, LLaVA, Mistral 3,
+Qwen2.5-VL), its language model's layer 0 run from the table, image positions through layer 0's
+kept norm and q/k/v.
 
 vLLM's runner feeds a multimodal model by embeddings at every step: it calls
 `embed_input_ids(ids, image features, is_multimodal=mask)` eagerly, the mask on the CPU, copies
@@ -9,7 +10,7 @@ the result into a buffer of `ModelConfig.get_inputs_embeds_size()` columns, and 
 positions, `[f | qkv(norm(f))]` at image positions (f, the projector's features), computed by the
 kept norm and projection. The mask indexes on the CPU side as vLLM's own merge does, so a step
 costs no device sync; a decode step brings no features and runs no kept projection. The runner's
-buffer is widened to the row (`widen_inputs_embeds`), so the rows reach layer 0 unchanged.
+buffer is widened to the row (`checks.widen_inputs_embeds`), so the rows reach layer 0 unchanged.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def text_route(config: Any) -> VllmOwnClass:
 
 
 class PrecomputedMultimodal(PrecomputedInVllm):
-    """Mixed in before vLLM's multimodal wrapper class (LLaVA's)."""
+    """Mixed in before vLLM's multimodal wrapper class (LLaVA's, Gemma 3's, ...)."""
 
     model_type: str
 
