@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from firstlayer.analysis.sources import MLX_METHOD, config_quantization
+from firstlayer.conversion.mlx_names import mlx_module_paths
 from firstlayer.conversion.quantized import (
     FUSED,
     dequantize,
@@ -425,7 +426,7 @@ def checkpoint_names(
     state = model.state_dict(keep_vars=True)
     mlx_paths = {}
     if quantization is not None and quantization["quant_method"] == MLX_METHOD:
-        mlx_paths = mlx_module_paths(model, list(state))
+        mlx_paths = mlx_module_paths(model.config.to_dict(), list(state))
     from_mlx = {path: module for module, path in mlx_paths.items()}
     stored_as = {}
     for stored in folder.names():
@@ -489,18 +490,6 @@ def checkpoint_names(
             )
         names[name] = stored
     return names, quantized, mlx_paths
-
-
-def mlx_module_paths(model: nn.Module, state_names: list[str]) -> dict[str, str]:
-    """Each module's path in mlx-lm's model of the family (`firstlayer.mlx.names`)."""
-    try:
-        from firstlayer.mlx.names import mlx_module_paths as paths
-    except ImportError:
-        raise FirstLayerError(
-            "this folder is quantized in mlx-lm's own format, whose weights mlx-lm names: "
-            "converting it needs mlx-lm, pip install 'firstlayer[mlx]'"
-        ) from None
-    return paths(model.config.to_dict(), state_names)
 
 
 def token_local_modules(model: nn.Module, record: dict | None = None) -> list[str]:

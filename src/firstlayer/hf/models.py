@@ -469,6 +469,39 @@ def as_saved(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(revert_weight_conversion(model, weights))
 
 
+def legacy_rope_fields(config: dict) -> dict:
+    """RoPE settings under the top-level names mlx-lm 0.32's classes read (`rope_theta`,
+    `rope_scaling`, GPT-NeoX's `rotary_emb_base`, Gemma 3's `rope_local_base_freq`, ...), from
+    the `rope_parameters` transformers 5 writes instead: without them mlx-lm would take its own
+    defaults, where the original folder (as published) names them."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    by_layer_type = "full_attention" in rope or "sliding_attention" in rope
+    main = rope.get("full_attention", {}) if by_layer_type else rope
+    fields: dict[str, Any] = {}
+    if "rope_theta" in main:
+        fields["rope_theta"] = fields["rotary_emb_base"] = main["rope_theta"]
+    if "partial_rotary_factor" in main:
+        fields["partial_rotary_factor"] = fields["rotary_pct"] = main["partial_rotary_factor"]
+    if main.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = {**main, "type": main["rope_type"]}
+    if by_layer_type and "rope_theta" in rope.get("sliding_attention", {}):
+        fields["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    return fields
+
+
+@functools.cache
+def published_name(config_json: str, key: str) -> str:
+    """A weight's name as the family's published checkpoints give it (transformers' own renamings
+    reverted: GPT-NeoX's `lm_head` was `embed_out`), for a config given as JSON."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = original_on_meta(json.loads(config_json))
+    reverted = list(revert_weight_conversion(model, {key: torch.empty(0, device="meta")}))
+    return reverted[0] if len(reverted) == 1 else key
+
+
 def original_on_meta(config: Any) -> nn.Module:
     """The original family's model of a precomputed config, on the meta device: the module tree
     (and names) the table replaced part of. Costs no memory."""

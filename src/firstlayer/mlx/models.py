@@ -32,6 +32,7 @@ import mlx_lm
 from packaging.version import Version
 
 from firstlayer.errors import FirstLayerError
+from firstlayer.hf.models import legacy_rope_fields, published_name
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments
 
 # The mlx-lm releases whose model classes and loader this module was tested with, [first, past).
@@ -103,28 +104,6 @@ class ModelArgs:
         family = args_class.from_dict(config)
         dtype = config.get("dtype") or "float32"
         return cls(family, model_class, record, dtype, json.dumps(config, sort_keys=True))
-
-
-def legacy_rope_fields(config: dict) -> dict:
-    """RoPE settings under the top-level names mlx-lm 0.32's classes read (`rope_theta`,
-    `rope_scaling`, GPT-NeoX's `rotary_emb_base`, Gemma 3's `rope_local_base_freq`, ...), from
-    the `rope_parameters` transformers 5 writes instead: without them mlx-lm would take its own
-    defaults, where the original folder (as published) names them."""
-    rope = config.get("rope_parameters")
-    if not isinstance(rope, dict):
-        return {}
-    by_layer_type = "full_attention" in rope or "sliding_attention" in rope
-    main = rope.get("full_attention", {}) if by_layer_type else rope
-    fields: dict[str, Any] = {}
-    if "rope_theta" in main:
-        fields["rope_theta"] = fields["rotary_emb_base"] = main["rope_theta"]
-    if "partial_rotary_factor" in main:
-        fields["partial_rotary_factor"] = fields["rotary_pct"] = main["partial_rotary_factor"]
-    if main.get("rope_type", "default") != "default":
-        fields["rope_scaling"] = {**main, "type": main["rope_type"]}
-    if by_layer_type and "rope_theta" in rope.get("sliding_attention", {}):
-        fields["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
-    return fields
 
 
 def Model(args: ModelArgs) -> nn.Module:  # the name mlx-lm's loader calls
@@ -328,7 +307,7 @@ class TablePlan:
         """A folder's weight under the name the family's checkpoints give it, which mlx-lm
         reads: the folder holds transformers' own names (GPT-NeoX's `lm_head`, for the
         published `embed_out`), as `save_pretrained` would revert them."""
-        return checkpoint_name(self.config_json, key)
+        return published_name(self.config_json, key)
 
     @classmethod
     def of(cls, model: nn.Module, args: ModelArgs) -> TablePlan:
@@ -338,7 +317,7 @@ class TablePlan:
 
         def name(module: str) -> str:
             """A transformers module name as the family's sanitize renames its weights."""
-            module = checkpoint_name(args.config_json, f"{module}.weight").removesuffix(".weight")
+            module = published_name(args.config_json, f"{module}.weight").removesuffix(".weight")
             if sanitize is None:
                 return module
             # On a shallow copy: some families' sanitize drops modules (an untied LM head).
@@ -436,15 +415,3 @@ class TablePlan:
         # The attention norm a serial folder keeps for transformers' adapters: mlx-lm adapters
         # are refused on layer 0 (`PrecomputedLayer0Projection.to_lora`), so it has no reader here.
         return weights
-
-
-@functools.cache
-def checkpoint_name(config_json: str, key: str) -> str:
-    import torch
-    from transformers.core_model_loading import revert_weight_conversion
-
-    from firstlayer.hf.models import original_on_meta
-
-    model = original_on_meta(json.loads(config_json))
-    reverted = list(revert_weight_conversion(model, {key: torch.empty(0, device="meta")}))
-    return reverted[0] if len(reverted) == 1 else key
