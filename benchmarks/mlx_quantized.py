@@ -13,7 +13,8 @@ tokens equal up to the first difference, as a share of all new tokens, and promp
 continuation is equal; the same for the unquantized pair, which must agree fully; and, for scale,
 each quantized model against the unquantized original. Last, the quantized original itself
 converted (`firstlayer convert` of the folder mlx-lm quantized: a q/k/v table in the model's
-dtype, the embedding and every other kept tensor as stored) against it: greedy agreement and the largest logit difference over the prompts.
+dtype, the embedding and every other kept tensor as stored) against it: greedy agreement and the
+largest logit difference over the prompts.
 """
 
 from __future__ import annotations
