@@ -84,10 +84,12 @@ class Engine:
         n_seq_max: int = 1,
         n_threads: int = 1,
         kv_cache_f32: bool = False,
+        use_mmap: bool = True,
     ):
         """`kv_cache_f32`: keys and values cached in F32 and flash attention off, so that no
         float16 rounding of q, k or v stands between two files' arithmetic (llama.cpp's default,
-        an F16 cache, turns a float32 rounding difference in k into a float16 one)."""
+        an F16 cache, turns a float32 rounding difference in k into a float16 one). `use_mmap`
+        False: the weights read into memory of llama.cpp's own instead of mapped."""
         import llama_cpp
 
         self.lib = llama_cpp
@@ -95,6 +97,7 @@ class Engine:
         self.log = _Log
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
+        model_params.use_mmap = use_mmap
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise FirstLayerError(f"llama.cpp refused {path}: {self.log.errors()}")
