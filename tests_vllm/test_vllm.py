@@ -343,19 +343,19 @@ def test_a_family_the_plugin_does_not_serve_is_refused_with_the_list():
 
 
 def test_a_multimodal_folder_not_served_yet_is_refused_by_name():
-    """Multimodal folders the plugin does not serve yet (all but LLaVA's, tests_vllm/
-    test_multimodal.py) get a class that says so, rather than vLLM's family class."""
+    """Multimodal folders the plugin does not serve yet (Qwen3-VL, Idefics3; the others in
+    tests_vllm/test_multimodal.py) get a class that says so, rather than vLLM's family class."""
     from vllm import ModelRegistry
     from vllm.plugins import load_general_plugins
 
     from firstlayer.vllm.classes import architecture, vllm_model_class
 
     load_general_plugins()
-    name = architecture("qwen2_5_vl")
-    assert name == "FirstLayerQwen2_5_VLForConditionalGeneration"
+    name = architecture("qwen3_vl")
+    assert name == "FirstLayerQwen3VLForConditionalGeneration"
     assert name in ModelRegistry.get_supported_archs()
-    with pytest.raises(FirstLayerError, match="does not serve qwen2_5_vl .*ImageTextToText"):
-        vllm_model_class("qwen2_5_vl")(vllm_config=None)
+    with pytest.raises(FirstLayerError, match="does not serve qwen3_vl .*ImageTextToText"):
+        vllm_model_class("qwen3_vl")(vllm_config=None)
 
 
 def test_bench_in_vllm_times_both_folders_in_pairs(folders):
