@@ -1,13 +1,15 @@
 """Converted multimodal folders (Gemma 3, LLaVA, Mistral 3, Qwen2.5-VL) in vLLM: image and text
 requests in one batch, several images in one prompt, prefix caching on, a chat with a data-URL
-image, give the original folder's tokens and logprobs; image positions run layer 0's kept norm and
-q/k/v, token positions the table. Families the plugin does not serve yet are refused by name. The
-venv imports vLLM's multimodal models (torchvision's CUDA build beside the CPU torch)."""
+image (and that chat posted to vLLM's OpenAI server on LLaVA), give the original folder's tokens
+and logprobs; image positions run layer 0's kept norm and q/k/v, token positions the table.
+Families the plugin does not serve yet are refused by name. The venv imports vLLM's multimodal
+models (torchvision's CUDA build beside the CPU torch)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -329,6 +331,57 @@ def test_image_and_text_requests_give_the_original_tokens_and_logprobs(folders):
     for (tokens, logprobs, _), (got_tokens, got_logprobs, _) in zip(expected, actual, strict=True):
         assert got_tokens == tokens
         assert max(abs(a - b) for a, b in zip(logprobs, got_logprobs, strict=True)) <= 1e-4
+
+
+# benchmarks/vllm_server.py's api_server process (start, /health wait, stop), by path.
+_spec = importlib.util.spec_from_file_location(
+    "firstlayer_vllm_server", Path(__file__).parents[1] / "benchmarks" / "vllm_server.py"
+)
+vllm_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vllm_server)
+
+
+@pytest.mark.parametrize("folders", ["llava"], indirect=True)
+def test_the_openai_server_answers_a_chat_with_an_image_as_the_original(
+    folders, workdir, monkeypatch
+):
+    """vLLM's OpenAI server on the converted folder answers a chat with a base64 data-URL image
+    with the tokens and logprobs `LLM.chat` gives on the original folder (one server: the
+    original's answer is the shared engine's)."""
+    case, original, precomputed, _ = folders
+    expected_tokens, expected_logprobs, expected_prompt = run(original, case)[-1]
+    # The engine's threads on the suite's cores, as engine() binds them.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("TESTS_VLLM_CPUS", "0-1"))
+    settings = ["--max-model-len", "256", "--kv-cache-memory-bytes", str(1 << 26)]
+    settings += ["--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
+    settings += ["--limit-mm-per-prompt", json.dumps(case.limits)]
+    server = vllm_server.Server(precomputed, workdir / "llava-server.log", *settings)
+    try:
+        # A folder the plugin refuses stops the server at start.
+        assert server.ready(limit_s=300), server.log.read_text()[-3000:]
+        status, text = vllm_server.call(
+            server.port,
+            "/v1/chat/completions",
+            {
+                "model": str(precomputed),
+                "messages": chat_with_an_image(),
+                "temperature": 0,
+                "max_tokens": NEW_TOKENS,
+                "ignore_eos": True,
+                "logprobs": True,
+                "return_token_ids": True,
+            },
+            timeout=120,
+        )
+    finally:
+        server.stop()
+    assert status == 200, text
+    answer = json.loads(text)
+    choice = answer["choices"][0]
+    assert answer["prompt_token_ids"] == expected_prompt  # the image's 16 placeholders included
+    assert choice["token_ids"] == expected_tokens
+    logprobs = [step["logprob"] for step in choice["logprobs"]["content"]]
+    assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs, strict=True)) <= 1e-4
 
 
 def test_image_positions_run_the_kept_layer0_and_token_positions_the_table(folders):
