@@ -49,7 +49,8 @@ def quantized(tmp_path_factory):
         if key not in made:
             family = next(f for f in FAMILIES if f.id == family_id)
             settings = {**family.extra, **MLX_RUNS_ORIGINAL.get(family_id, {})}
-            model = build_tiny(dataclasses.replace(family, extra=settings)).to(torch.float16)
+            # Saved in float32, cast by mlx_lm.convert, which leaves config.json's dtype float32.
+            model = build_tiny(dataclasses.replace(family, extra=settings))
             root = tmp_path_factory.mktemp(f"mlxq-{family_id}-{bits}-{mode}")
             model.save_pretrained(root / "dense")
             tiny_tokenizer(model.config.vocab_size).save_pretrained(root / "dense")

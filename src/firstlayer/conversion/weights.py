@@ -323,10 +323,14 @@ def meta_model(source: Path, deltas: LoraDeltas | None = None) -> Checkpoint:
                 "convert without --adapter and load the adapters onto the converted folder"
             )
     folder = SafetensorsFolder(source) if deltas is None else AdaptedCheckpoint(source, deltas)
-    dtype = config.dtype or next(
+    stored = next(
         (folder.dtype(n) for n in folder.names() if is_plain_float(folder.dtype(n))),
         torch.float32,
     )
+    # mlx_lm.convert casts the weights (`--dtype`, or to float16) and leaves config.json's dtype
+    # as it was; mlx-lm runs the stored one, so the model's dtype is that.
+    mlx = quantization is not None and quantization["quant_method"] == MLX_METHOD
+    dtype = stored if mlx else config.dtype or stored
     with torch.device("meta"):
         model = auto_model(config.model_type).from_config(config, dtype=dtype)
     if (source / "generation_config.json").is_file():
