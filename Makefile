@@ -8,7 +8,7 @@ OLDEST_TRANSFORMERS := 5.19.0
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-vllm llama-cpp llama-cpp-stock demo test test-vllm test-oldest lint bench clean
+.PHONY: setup setup-vllm llama-cpp demo test test-vllm test-oldest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,7 +43,9 @@ $(VLLM_VENV)/.installed: pyproject.toml
 setup: $(STAMP)
 
 # llama-cpp-python with llama.cpp/0001-token-qkv.patch, in .venv: built from the pinned sdist
-# once per machine (the wheel cached under ~/.cache/firstlayer/llama-cpp), then installed from it.
+# once per machine (the wheel cached under ~/.cache/firstlayer/llama-cpp, with llama-server and a
+# stock libllama for the test that an unpatched llama.cpp refuses a precomputed file), then
+# installed from it.
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(shell cat llama.cpp/build.sh llama.cpp/0001-token-qkv.patch \
 	| sha256sum | cut -c1-12)
 $(LLAMA_CPP_STAMP): $(STAMP)
@@ -51,11 +53,6 @@ $(LLAMA_CPP_STAMP): $(STAMP)
 	touch $@
 
 llama-cpp: $(LLAMA_CPP_STAMP)
-
-# The same build without the patch, cached but not installed: for the test that a stock llama.cpp
-# refuses a precomputed file (it skips, saying so, where none is cached).
-llama-cpp-stock: $(STAMP)
-	STOCK=1 sh llama.cpp/build.sh $(PY)
 
 setup-vllm: $(VLLM_VENV)/.installed
 

@@ -4,6 +4,8 @@ runs it with the original's logits, over a prompt, KV-cached decoding and batche
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -11,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +28,13 @@ from firstlayer.analysis.sources import default_gguf_path
 from firstlayer.cli import main
 from firstlayer.errors import FirstLayerError
 from firstlayer.llamacpp.converter import cache_root
-from firstlayer.llamacpp.engine import F32_TYPE, Engine, llama_server_path, patched_build_problem
+from firstlayer.llamacpp.engine import (
+    F32_TYPE,
+    PATCH_MARKER,
+    Engine,
+    llama_server_path,
+    patched_build_problem,
+)
 from firstlayer.llamacpp.export import copy_metadata, export_gguf
 
 PROBLEM = patched_build_problem()
@@ -351,26 +358,24 @@ def test_a_parallel_blocks_tied_head_keeps_the_plain_embedding(tmp_path):
     assert head == embedding_bytes(original) != embedding_bytes(export.out)
 
 
-def stock_wheel() -> Path | None:
-    """A llama-cpp-python wheel built without the patch (`make llama-cpp-stock`), if cached."""
-    wheels = sorted((cache_root() / "llama-cpp").glob("*-stock/llama_cpp_python-*.whl"))
-    return wheels[0] if wheels else None
+def stock_library() -> Path:
+    """libllama built without the patch: `make llama-cpp` caches it beside the patched wheel, in
+    its cache folder's stock/ (the same llama.cpp, the patch reversed)."""
+    patch = Path(__file__).parents[1] / "llama.cpp" / "0001-token-qkv.patch"
+    checksum = hashlib.sha256(patch.read_bytes()).hexdigest()[:12]
+    version = importlib.metadata.version("llama_cpp_python")
+    return cache_root() / "llama-cpp" / f"{version}-{checksum}" / "stock"
 
 
-STOCK_WHEEL = stock_wheel()
-
-
-@pytest.mark.skipif(
-    STOCK_WHEEL is None,
-    reason="no stock llama-cpp-python build is cached: `make llama-cpp-stock` builds one",
-)
+@needs_patched_build
 def test_a_stock_llama_cpp_refuses_the_precomputed_file(tiny_models, tmp_path):
     """Unpatched, llama.cpp runs the original and refuses its precomputed twin while loading:
     layer 0's norm and q/k/v are missing. It never runs it."""
+    stock = stock_library()
+    assert (stock / "libllama.so").is_file(), f"no stock libllama in {stock}: run `make llama-cpp`"
+    assert PATCH_MARKER not in (stock / "libllama.so").read_bytes()
     original, precomputed = tiny_models("llama")
-    with zipfile.ZipFile(STOCK_WHEEL) as wheel:
-        wheel.extractall(tmp_path / "stock")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stock")}
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(stock)}
     script = "import sys; from llama_cpp import Llama; Llama(sys.argv[1], n_ctx=64).eval([256, 72])"
 
     def load(path: Path) -> subprocess.CompletedProcess:
