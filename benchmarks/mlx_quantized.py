@@ -14,7 +14,11 @@ continuation is equal; the same for the unquantized pair, which must agree fully
 each quantized model against the unquantized original. Last, the quantized original itself
 converted (`firstlayer convert` of the folder mlx-lm quantized: a q/k/v table in the model's
 dtype, the embedding and every other kept tensor as stored) against it: greedy agreement and the
-largest logit difference over the prompts.
+largest logit difference over the prompts; for a model with mlx-lm's Llama names, layer 0's q/k/v
+over the vocabulary as mlx computes it and as the table holds it, each against the exact value
+from the same stored weights; and, for scale, both folders' greedy tokens against the original
+run with float32 activations (`model.set_dtype(mx.float32)`: the same weights, mlx's products
+summed in float32).
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ PROMPTS = (
 )
 
 
-def greedy(folder: Path, new_tokens: int, trust: bool) -> list[list[int]]:
+def greedy(folder: Path, new_tokens: int, trust: bool, dtype=None) -> list[list[int]]:
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import generate_step
 
     model, tokenizer = mlx_lm.load(str(folder), trust_remote_code=trust)
+    if dtype is not None:
+        model.set_dtype(dtype)
     outputs = []
     for prompt in PROMPTS:
         ids = mx.array(tokenizer.encode(prompt))
@@ -79,6 +85,62 @@ def logit_gap(a: list, b: list) -> str:
     gap = max(float(mx.abs(x - y).max()) for x, y in zip(a, b, strict=True))
     scale = max(float(mx.abs(x).max()) for x in a)
     return f"largest logit difference {gap:.4f} (largest logit {scale:.1f})"
+
+
+def layer0_errors(quantized: Path, converted: Path) -> str:
+    """Layer 0's q/k/v for every token id, as mlx-lm computes it from the quantized original and
+    as the converted folder's table holds it, against the exact value (float64) from the same
+    stored weights: largest and mean absolute error, and the share equal to the exact value
+    rounded to the model's dtype."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+    import torch
+
+    original, _ = mlx_lm.load(str(quantized))
+    precomputed, _ = mlx_lm.load(str(converted), trust_remote_code=True)
+    layer = original.model.layers[0]
+    attention = layer.self_attn
+    if not all(hasattr(attention, f"{p}_proj") for p in "qkv"):
+        return "not a model with mlx-lm's Llama names: layer 0 not compared"
+
+    def f64(a) -> np.ndarray:
+        return np.array(a.astype(mx.float32)).astype(np.float64)
+
+    embedded = original.model.embed_tokens(mx.arange(original.args.vocab_size))
+    normed = layer.input_layernorm(embedded)
+    computed = np.concatenate([f64(getattr(attention, f"{p}_proj")(normed)) for p in "qkv"], 1)
+    x = f64(embedded)
+    norm = f64(layer.input_layernorm.weight)
+    exact_norm = x / np.sqrt((x**2).mean(-1, keepdims=True) + layer.input_layernorm.eps) * norm
+    linears = [getattr(attention, f"{p}_proj") for p in "qkv"]
+    weights = [
+        f64(mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)) for q in linears
+    ]
+    exact = exact_norm @ np.concatenate(weights).T
+    table = precomputed.model.embed_tokens.qkv.weight
+    dtype = {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}.get(table.dtype)
+    nearest = exact if dtype is None else torch.from_numpy(exact).to(dtype).double().numpy()
+    lines = []
+    for name, rows in (("mlx-lm's layer 0", computed), ("the table", f64(table))):
+        error = np.abs(rows - exact)
+        lines.append(
+            f"{name}: largest error {error.max():.4f}, mean {error.mean():.2e}, "
+            f"{np.mean(rows == nearest):.1%} equal to the exact value rounded"
+        )
+    # Why mlx-lm's is further off: its CPU kernel sums a quantized product's terms one at a time
+    # in the activations' dtype. A serial sum so rounded, for 64 ids' q projection, against
+    # mx.quantized_matmul's entries.
+    q = linears[0]
+    torch_dtype = dtype or torch.float32
+    inputs = torch.from_numpy(f64(normed[:64])).to(torch_dtype)
+    terms = torch.from_numpy(weights[0]).to(torch_dtype)
+    serial = torch.zeros(inputs.shape[0], terms.shape[0], dtype=torch_dtype)
+    for k in range(inputs.shape[1]):
+        serial = serial + inputs[:, k : k + 1] * terms[:, k]
+    same = np.mean(serial.double().numpy() == f64(q(normed[:64])))
+    lines.append(f"a serial sum in the model's dtype gives {same:.1%} of mlx-lm's q entries")
+    return f"layer 0's q/k/v (largest |q/k/v| {np.abs(exact).max():.2f}): " + "; ".join(lines)
 
 
 def main() -> None:
@@ -132,6 +194,12 @@ def main() -> None:
                 prompt_logits(root / f"original-q{bits}", False), prompt_logits(converted, True)
             )
             print(f"{bits}-bit original converted, against it: {line(a, c)}; {gap}")
+            print(f"{bits}-bit {layer0_errors(root / f'original-q{bits}', converted)}")
+            import mlx.core as mx
+
+            wide = greedy(root / f"original-q{bits}", args.new_tokens, False, mx.float32)
+            print(f"{bits}-bit original with float32 activations, against it: {line(wide, a)}")
+            print(f"  against the original converted: {line(wide, c)}")
 
 
 if __name__ == "__main__":

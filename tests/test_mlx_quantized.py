@@ -29,7 +29,7 @@ from firstlayer.errors import FirstLayerError  # noqa: E402
 from firstlayer.mlx.models import legacy_rope_fields  # noqa: E402
 
 # Both folders run in float16; the table's q/k/v rows are layer 0's in float32 rounded once, where
-# mlx-lm's own layer 0 rounds its norm and each product to float16; a serial model's tied LM head
+# mlx's CPU kernel sums its quantized product serially in float16; a serial model's tied LM head
 # multiplies the 16-bit table instead of the packed embedding. Measured: at most 0.004 on logits
 # of magnitude ~1 (a few float16 units), greedy tokens the same.
 FLOAT16_ROUNDING = 1e-2
@@ -44,14 +44,21 @@ def quantized(tmp_path_factory):
     None), each made once."""
     made: dict[tuple, tuple[Path, Path | None]] = {}
 
-    def folders(family_id: str, bits: int, mode: str = "affine", predicate=None, convert=True):
-        key = (family_id, bits, mode, predicate is not None)
+    def folders(
+        family_id: str,
+        bits: int,
+        mode: str = "affine",
+        predicate=None,
+        convert=True,
+        dtype: str = "float16",
+    ):
+        key = (family_id, bits, mode, predicate is not None, dtype)
         if key not in made:
             family = next(f for f in FAMILIES if f.id == family_id)
             settings = {**family.extra, **MLX_RUNS_ORIGINAL.get(family_id, {})}
             # Saved in float32, cast by mlx_lm.convert, which leaves config.json's dtype float32.
             model = build_tiny(dataclasses.replace(family, extra=settings))
-            root = tmp_path_factory.mktemp(f"mlxq-{family_id}-{bits}-{mode}")
+            root = tmp_path_factory.mktemp(f"mlxq-{family_id}-{bits}-{mode}-{dtype}")
             model.save_pretrained(root / "dense")
             tiny_tokenizer(model.config.vocab_size).save_pretrained(root / "dense")
             config_file = root / "dense" / "config.json"
@@ -63,7 +70,7 @@ def quantized(tmp_path_factory):
                 quantize=True,
                 q_bits=bits,
                 q_mode=mode,
-                dtype="float16",
+                dtype=dtype,
                 quant_predicate=predicate,
             )
             out = None
@@ -139,6 +146,43 @@ def test_serial_residual_block_is_the_quantized_embedding_as_stored(bits, quanti
     assert mx.array_equal(table.as_linear(x), embedding.as_linear(x))  # the tied LM head
     record = json.loads((out / "config.json").read_text())["firstlayer"]
     assert record["table"]["residual_dtype"] == "mlx-quantized"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_qkv_block_is_layer_0_rounded_once(dtype, quantized):
+    """The q/k/v block holds layer 0's q/k/v of the stored weights computed in float32 and rounded
+    once to the stored dtype: within half a unit in its last place of the exact value (float64
+    here), plus float32's own error bound for the norm and the product. mlx's CPU kernel is
+    looser (its quantized product sums serially in the 16-bit dtype), which is why a bfloat16
+    folder's greedy tokens can part from the original's on mlx's CPU (README, MLX)."""
+    source, out = quantized("llama", 4, dtype=dtype)
+    original, _ = mlx_lm.load(str(source))
+    precomputed, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    layer, vocab = original.model.layers[0], original.args.vocab_size
+    embedded = np.array(original.model.embed_tokens(mx.arange(vocab)).astype(mx.float32))
+    x = embedded.astype(np.float64)
+    norm = np.array(layer.input_layernorm.weight.astype(mx.float32)).astype(np.float64)
+    normed = x / np.sqrt((x**2).mean(-1, keepdims=True) + layer.input_layernorm.eps) * norm
+
+    def weight(linear) -> np.ndarray:
+        parts = (linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
+        return np.array(mx.dequantize(*parts).astype(mx.float32)).astype(np.float64)
+
+    attention = layer.self_attn
+    weights = np.concatenate([weight(getattr(attention, f"{p}_proj")) for p in "qkv"])
+    exact = normed @ weights.T
+    table = precomputed.model.embed_tokens.qkv.weight
+    assert table.dtype == getattr(mx, dtype)
+    stored = np.array(table.astype(mx.float32)).astype(np.float64)
+    mantissa = {"float16": 10, "bfloat16": 7}[dtype]
+    half_unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0**-14))) - mantissa - 1)
+    # A float32 dot product of K terms is within K * 2^-24 of the sum of its terms' magnitudes
+    # (the norm's own rounding, a few units, is inside the factor 4).
+    float32_error = 4 * x.shape[-1] * 2.0**-24 * (np.abs(normed) @ np.abs(weights).T)
+    assert np.all(np.abs(stored - exact) <= half_unit + float32_error)
+    # And nearly everywhere the exact value rounded once (float32's error decides near ties).
+    nearest = torch.from_numpy(exact).to(getattr(torch, dtype)).double().numpy()
+    assert np.mean(stored == nearest) > 0.99
 
 
 def test_record_and_config(quantized):
