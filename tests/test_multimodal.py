@@ -273,55 +273,36 @@ def test_cli_convert_verify_and_analyze_a_multimodal_checkpoint(tmp_path, capsys
     assert capsys.readouterr().out
 
 
-def tiny_llava_processor():
-    """A LLaVA processor for the tiny model: a word-level tokenizer over its 256 ids ("<image>"
-    is id 250) and a 32 x 32 CLIP image processor."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(IMAGE)}
-    vocab |= {"<image>": IMAGE, "<pad>": 251, "<s>": 252, "</s>": 253}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(["<image>", "<pad>", "<s>", "</s>"])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    size = {"shortest_edge": 32}
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32}),
-        tokenizer=fast,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template="{% for m in messages %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
-        "{% endfor %}{% endfor %}",
-    )
-
-
-def test_pipeline_image_text_to_text_answers_as_the_original(tmp_path):
+@pytest.mark.parametrize("model_type", ["gemma3", "llava", "mistral3", "qwen2_5_vl"])
+def test_pipeline_image_text_to_text_answers_as_the_original(model_type, tmp_path):
+    """transformers' pipeline on a converted folder with the family's processor (a word tokenizer
+    and a 32 x 32 image processor, tests/multimodal_processors.py) answers a chat with an image
+    as on the original folder."""
     import numpy as np
+    from multimodal_processors import PROCESSORS
     from PIL import Image
     from transformers import pipeline
 
+    if model_type in ("mistral3", "qwen2_5_vl"):
+        # transformers builds Pixtral's processor and Qwen2.5-VL's video processor on
+        # torchvision: they run in .venv-vllm (the oldest-end suite), which has it.
+        pytest.importorskip("torchvision", reason=f"{model_type}'s processor needs torchvision")
     source = tmp_path / "source"
-    build("llava").save_pretrained(source)
-    tiny_llava_processor().save_pretrained(source)
+    build(model_type).save_pretrained(source)
+    PROCESSORS[model_type]().save_pretrained(source)
     out, _ = convert_source(str(source), tmp_path / "out")
     copied = [n for n in pipeline_module.PROCESSOR_FILES if (source / n).is_file()]
     assert copied and all((out / n).read_bytes() == (source / n).read_bytes() for n in copied)
     pixels = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")
-    content = [{"type": "image", "image": Image.fromarray(pixels)}, {"type": "text", "text": "w5"}]
+    content = [{"type": "image", "image": Image.fromarray(pixels)}, {"type": "text", "text": "t5"}]
     messages = [{"role": "user", "content": content}]
     answers = []
     for folder in (source, out):
         runner = pipeline("image-text-to-text", model=str(folder))
         generated = runner(text=messages, max_new_tokens=NEW_TOKENS, return_full_text=False)
         answers.append((type(runner.model).__name__, generated[0]["generated_text"]))
-    assert answers[1][0] == "FirstLayerLlavaForConditionalGeneration"
-    assert answers[1][1] == answers[0][1] and len(answers[0][1].split()) == NEW_TOKENS
+    assert answers[1][0] == "FirstLayer" + answers[0][0]
+    assert answers[1][1] == answers[0][1] and answers[0][1].strip()
 
 
 def test_analyze_reads_a_multimodal_config_as_it_is_and_counts_the_kept_weights():

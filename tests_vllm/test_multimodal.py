@@ -24,119 +24,22 @@ from conftest import close, engine, rewrite_folder
 
 from firstlayer.errors import FirstLayerError
 
-IMAGE = 250  # the image placeholder's id in both tiny vocabularies
 NEW_TOKENS = 8
 
-# The transformers side's tiny multimodal configs, by path.
-_spec = importlib.util.spec_from_file_location(
-    "firstlayer_tests_multimodal", Path(__file__).parents[1] / "tests" / "test_multimodal.py"
-)
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
-
-def word_tokenizer(specials: dict[str, int], **named: str):
-    """A word tokenizer: t0 .. t255, and the image tokens `specials` at their ids (as saved and
-    read back by vLLM, a word splits before its digits after the first: prompts use t0 .. t9)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    taken = set(specials.values())
-    vocabulary = {f"t{i}": i for i in range(256) if i not in taken} | specials
-    words = Tokenizer(models.WordLevel(vocabulary, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # Found anywhere in a text, spaces or not (Gemma 3's image sequence has none, and newlines).
-    words.add_tokens([AddedToken(t, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=words,
-        unk_token="t0",
-        bos_token="t1",
-        eos_token="t2",
-        pad_token="t0",
-        extra_special_tokens=named,
+def from_tests(name: str):
+    """A module of the transformers suite, by path: its tiny multimodal configs, its processors."""
+    spec = importlib.util.spec_from_file_location(
+        f"firstlayer_tests_{name}", Path(__file__).parents[1] / "tests" / f"{name}.py"
     )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-# A chat's parts in order, an image as the family's placeholder (OpenAI's content format).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}PLACEHOLDER "
-    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-)
-
-
-def llava_processor():
-    """CLIP's image processor: a 32 x 32 image in 8 x 8 patches, the class token dropped, is 16
-    placeholders."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=word_tokenizer({"<image>": IMAGE}, image_token="<image>"),
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "<image>"),
-    )
-
-
-def pixtral_processor():
-    """Pixtral's: 4 x 4 patches merged 2 x 2, 4 placeholders with a row break and an end."""
-    from transformers import PixtralImageProcessor, PixtralProcessor
-
-    tokens = {"[IMG]": IMAGE, "[IMG_BREAK]": IMAGE + 1, "[IMG_END]": IMAGE + 2}
-    return PixtralProcessor(
-        image_processor=PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8),
-        tokenizer=word_tokenizer(tokens),
-        patch_size=8,
-        spatial_merge_size=2,
-        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "[IMG]"),
-    )
-
-
-def gemma_processor():
-    """Gemma 3's: a 32 x 32 image pooled to 4 soft tokens, between a start and an end token and
-    newlines (which vLLM's Gemma 3 looks up in the vocabulary, "\n" to "\n\n\n\n")."""
-    from transformers import Gemma3ImageProcessor, Gemma3Processor
-
-    newlines = {"\n" * n: 239 + n for n in range(1, 5)}
-    tokens = {"<image_soft_token>": IMAGE, "<start_of_image>": 251, "<end_of_image>": 252}
-    return Gemma3Processor(
-        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
-        tokenizer=word_tokenizer(
-            tokens | newlines,
-            image_token="<image_soft_token>",
-            boi_token="<start_of_image>",
-            eoi_token="<end_of_image>",
-        ),
-        image_seq_length=4,
-        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", "<start_of_image>"),
-    )
-
-
-def qwen_processor():
-    """Qwen2-VL's: a 32 x 32 image in 4 x 4 patches merged 2 x 2, 16 placeholders between a
-    start and an end token."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tokens = {"<|image_pad|>": IMAGE, "<|video_pad|>": 251, "<|vision_start|>": 252}
-    sizes = dict(
-        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
-        patch_size=4,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes),
-        video_processor=Qwen2VLVideoProcessor(**sizes),
-        tokenizer=word_tokenizer(tokens | {"<|vision_end|>": 253}),
-        chat_template=CHAT_TEMPLATE.replace("PLACEHOLDER", QWEN_IMAGE),
-    )
-
-
-QWEN_IMAGE = "<|vision_start|> <|image_pad|> <|vision_end|>"
+tiny = from_tests("test_multimodal")
+processors = from_tests("multimodal_processors")
+IMAGE = processors.IMAGE
 
 
 @dataclass(frozen=True)
@@ -151,12 +54,12 @@ class Case:
 
 WIDE = dict(hidden_size=128, num_attention_heads=4)
 CASES = {
-    "gemma3": Case(gemma_processor, "<start_of_image>", 4, WIDE),
-    "llava": Case(llava_processor, "<image>", 16, WIDE),
-    "mistral3": Case(pixtral_processor, "[IMG]", 4, dict(WIDE, head_dim=32)),
+    "gemma3": Case(processors.gemma_processor, "<start_of_image>", 4, WIDE),
+    "llava": Case(processors.llava_processor, "<image>", 16, WIDE),
+    "mistral3": Case(processors.pixtral_processor, "[IMG]", 4, dict(WIDE, head_dim=32)),
     "qwen2_5_vl": Case(
-        qwen_processor,
-        QWEN_IMAGE,
+        processors.qwen_processor,
+        processors.QWEN_IMAGE,
         16,
         dict(
             WIDE, rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6], rope_theta=1e4)
