@@ -4,8 +4,12 @@ with mlx-lm's own model classes, giving what mlx-lm gives for the original folde
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +168,98 @@ def test_generate_cli_gives_the_original_tokens(mlx_folders, monkeypatch, capsys
         main()
         outputs.append(capsys.readouterr().out.split("==========")[1])
     assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+# A chat template for the tiny tokenizer: mlx_lm.chat and the server's chat endpoint apply one.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chat_folders(mlx_folders, tmp_path_factory) -> Folders:
+    """The qwen3 pair, each with a chat template."""
+    folders, root = mlx_folders("qwen3"), tmp_path_factory.mktemp("mlx-chat")
+    copies = []
+    for name in ("original", "precomputed"):
+        copy = root / name
+        shutil.copytree(getattr(folders, name), copy)
+        (copy / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        copies.append(copy)
+    return Folders(*copies)
+
+
+def test_chat_cli_gives_the_original_replies(chat_folders):
+    """`mlx_lm chat`, two turns (the second on the first's KV cache), greedy by default."""
+    replies = []
+    for folder, trust in (
+        (chat_folders.original, []),
+        (chat_folders.precomputed, ["--trust-remote-code"]),
+    ):
+        command = [sys.executable, "-m", "mlx_lm", "chat", "--model", str(folder), *trust]
+        done = subprocess.run(
+            [*command, "--max-tokens", "8"],
+            input="w5 w17 w200\nw9 w3\nq\n",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = done.stdout.splitlines()
+        # Each reply is streamed onto one line, then a line of its figures ("8 tokens · ...").
+        replies.append([lines[i - 1] for i, line in enumerate(lines) if " tokens · " in line])
+    assert len(replies[0]) == 2 and replies[0] == replies[1]
+    assert all(any(c.isdigit() for c in reply) for reply in replies[0])
+
+
+def vllm_server_helpers():
+    """benchmarks/vllm_server.py (standard library only), by path: free_port and call."""
+    path = Path(__file__).parents[1] / "benchmarks" / "vllm_server.py"
+    spec = importlib.util.spec_from_file_location("firstlayer_vllm_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_server_answers_as_for_the_original(chat_folders, tmp_path):
+    """`mlx_lm server`: a greedy completion and a chat with the original's text and logprobs."""
+    helpers = vllm_server_helpers()
+    answers = []
+    for folder, trust in (
+        (chat_folders.original, []),
+        (chat_folders.precomputed, ["--trust-remote-code"]),
+    ):
+        port = helpers.free_port()
+        command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), *trust]
+        log = tmp_path / f"{folder.name}.log"
+        with open(log, "w") as sink:  # a pipe would fill up and stall the server
+            server = subprocess.Popen(
+                [*command, "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT
+            )
+        try:
+            for _ in range(600):
+                assert server.poll() is None, log.read_text()[-2000:]
+                if helpers.call(port, "/health", timeout=5)[0] == 200:
+                    break
+                time.sleep(0.1)
+            sampling = {"max_tokens": 8, "temperature": 0, "logprobs": True}
+            completion = {"prompt": "w5 w17 w200", **sampling}
+            chat = {"messages": [{"role": "user", "content": "w9 w3"}], **sampling}
+            answer = []
+            for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+                status, text = helpers.call(port, path, body, timeout=120)
+                assert status == 200, text
+                answer.append(json.loads(text)["choices"][0])
+            answers.append(answer)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    (completion, chat), (got_completion, got_chat) = answers
+    assert got_completion["text"] == completion["text"] and completion["text"].strip()
+    assert got_chat["message"]["content"] == chat["message"]["content"]
+    for expected, got in ((completion, got_completion), (chat, got_chat)):
+        tokens = [(t["id"], t["logprob"]) for t in expected["logprobs"]["content"]]
+        got_tokens = [(t["id"], t["logprob"]) for t in got["logprobs"]["content"]]
+        assert [t for t, _ in got_tokens] == [t for t, _ in tokens] and len(tokens) == 8
+        assert max(abs(a - b) for (_, a), (_, b) in zip(tokens, got_tokens, strict=True)) < 1e-4
 
 
 def test_converted_folder_names_its_mlx_module(mlx_folders):
