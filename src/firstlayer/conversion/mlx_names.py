@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 from firstlayer.errors import FirstLayerError
 from firstlayer.hf.models import legacy_rope_fields, published_name
@@ -21,7 +22,6 @@ def mlx_module_paths(config: dict, state_names: list[str]) -> dict[str, str]:
     weights), the path mlx-lm's model of the family gives it: the one name its `sanitize` turns
     the published weight into. Modules it drops or splits have none."""
     try:
-        import mlx.core as mx
         from mlx_lm.utils import _get_classes
     except ImportError:
         raise FirstLayerError(
@@ -44,12 +44,20 @@ def mlx_module_paths(config: dict, state_names: list[str]) -> dict[str, str]:
         module, _, leaf = name.rpartition(".")
         if module in paths:
             continue
-        published = published_name(config_json, name)
-        renamed = [published]
-        if hasattr(model_class, "sanitize"):
-            # On a shallow copy: some families' sanitize drops modules (an untied LM head).
-            probe = {published: mx.zeros((1, 1))}
-            renamed = list(model_class.sanitize(copy.copy(model), probe))
-        if len(renamed) == 1 and renamed[0].endswith(f".{leaf}"):
-            paths[module] = renamed[0].removesuffix(f".{leaf}")
+        renamed = mlx_lm_name(model_class, model, config_json, name)
+        if renamed is not None and renamed.endswith(f".{leaf}"):
+            paths[module] = renamed.removesuffix(f".{leaf}")
     return paths
+
+
+def mlx_lm_name(model_class: type, model: Any, config_json: str, key: str) -> str | None:
+    """The name mlx-lm's `model` (of `model_class`) gives transformers' weight `key`: the
+    published name as the family's `sanitize` renames it; None where it drops or splits it."""
+    import mlx.core as mx
+
+    published = published_name(config_json, key)
+    if not hasattr(model_class, "sanitize"):
+        return published
+    # On a shallow copy: some families' sanitize drops modules (an untied LM head).
+    renamed = list(model_class.sanitize(copy.copy(model), {published: mx.zeros((1, 1))}))
+    return renamed[0] if len(renamed) == 1 else None

@@ -552,9 +552,8 @@ def quantized_config(
     if method == MLX_METHOD:  # mlx-lm quantizes the embedding too
         eliminated = (planned.parts.embedding, *eliminated)
     dequantized = sorted(m for name in eliminated for m in checkpoint.quantized_in(name))
-    marked = dequantized
-    if method == MLX_METHOD:  # mlx-lm's per-module settings, by its paths
-        marked = [checkpoint.mlx_paths.get(m, m) for m in dequantized]
+    # Marked by the names the config's method uses: mlx-lm's paths for its per-module settings.
+    marked = [checkpoint.mlx_paths.get(m, m) for m in dequantized]
     config = converted_quantization_config(checkpoint.quantization, marked)
     record = {"method": method, "dequantized_into_the_table": dequantized}
     if checkpoint.inputs_quantized:
@@ -636,7 +635,6 @@ def convert_source(
         refuse_quantized(quantization, spec)
         if quantization_method(quantization) != MLX_METHOD:  # packed under `.weight`: checked
             refuse_mismatched_shapes(path, source.config)  # as they are read instead
-
         try:
             return convert_checkpoint(path, out, load_tokenizer(path), options), "out of core"
         except NeedsLoading:

@@ -190,17 +190,17 @@ def checkpoint_weights(
         # Every weight of the state dict (a quantized Linear's as its stored tensors): copied,
         # eliminated, or the embedding (also under the name of an LM head tied to it).
         embedding_sha256 = None
+        stored_digests: dict[str, str] = {}  # once per stored tensor, a tied LM head's too
         entries = []
         for name, tensor in fingerprint_names(checkpoint).items():
             if name not in digests and names[name] == embedding.name:
                 embedding_sha256 = embedding_sha256 or embedding.sha256()
                 digests[name] = (tensor.dtype, tuple(tensor.shape), embedding_sha256)
             elif name not in digests:  # a quantized embedding's stored tensors
-                digests[name] = (
-                    tensor.dtype,
-                    tuple(tensor.shape),
-                    stored_sha256(folder, names[name]),
-                )
+                stored = names[name]
+                if stored not in stored_digests:
+                    stored_digests[stored] = stored_sha256(folder, stored)
+                digests[name] = (tensor.dtype, tuple(tensor.shape), stored_digests[stored])
             entries.append((name, *digests[name]))
         return fingerprint(entries)
 

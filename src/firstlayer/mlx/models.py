@@ -20,7 +20,6 @@ its layer 0 would have computed; module names are mapped by the family's own `sa
 from __future__ import annotations
 
 import contextvars
-import copy
 import functools
 import json
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import mlx.nn as nn
 import mlx_lm
 from packaging.version import Version
 
+from firstlayer.conversion.mlx_names import mlx_lm_name
 from firstlayer.errors import FirstLayerError
 from firstlayer.hf.models import legacy_rope_fields, published_name
 from firstlayer.table.layout import BLOCKS, SCALE_SUFFIX, TableLayout, segments
@@ -313,17 +313,12 @@ class TablePlan:
     def of(cls, model: nn.Module, args: ModelArgs) -> TablePlan:
         record = args.record
         layout = TableLayout.from_dict(record["table"])
-        sanitize = args.model_class.sanitize if hasattr(args.model_class, "sanitize") else None
 
         def name(module: str) -> str:
             """A transformers module name as the family's sanitize renames its weights."""
-            module = published_name(args.config_json, f"{module}.weight").removesuffix(".weight")
-            if sanitize is None:
-                return module
-            # On a shallow copy: some families' sanitize drops modules (an untied LM head).
-            probe = {f"{module}.weight": mx.zeros((1, 1))}
-            renamed = list(sanitize(copy.copy(model), probe))
-            return renamed[0].removesuffix(".weight") if len(renamed) == 1 else module
+            weight = f"{module}.weight"
+            renamed = mlx_lm_name(args.model_class, model, args.config_json, weight)
+            return (renamed or published_name(args.config_json, weight)).removesuffix(".weight")
 
         projections = tuple((name(c.module), c.module) for c in layout.columns)
         names = set(c.module for c in layout.columns)

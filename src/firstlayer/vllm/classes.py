@@ -1,8 +1,8 @@
 """The class vLLM builds for each precomputed family, by the name a converted folder's
 `architectures` gives (FirstLayer + the family's transformers class): vLLM's own class with the
-plugin's mixin (`models` for causal LMs, `multimodal` for LLaVA), the Transformers backend's, or
-one that refuses with the reason. vLLM's registry names them "firstlayer.vllm.classes:<class>";
-they are made on first use.
+plugin's mixin (`models` for causal LMs, `multimodal` for the image-text families), the
+Transformers backend's, or one that refuses with the reason. vLLM's registry names them
+"firstlayer.vllm.classes:<class>"; they are made on first use.
 """
 
 from __future__ import annotations

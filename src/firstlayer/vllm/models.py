@@ -72,6 +72,16 @@ SEGMENTS = "segment_source"  # likewise for an int8 table's segment number of ea
 VLLM_TABLE_MEMORY = ("device", "host")
 
 
+def checked_before_building(vllm_config: Any) -> str:
+    """What every route checks before vLLM builds its model: the folder's files (present, this
+    format, at their recorded sizes) and the engine's settings; returns the table's placement."""
+    folder = Path(vllm_config.model_config.model)
+    if folder.is_dir():
+        require_files(folder)
+    check_engine(vllm_config)
+    return vllm_table_memory(vllm_config)
+
+
 def vllm_table_memory(vllm_config: Any) -> str:
     """The placement asked for, refused where it cannot run."""
     memory = getattr(vllm_config.model_config.hf_config, "table_memory", "device")
@@ -452,11 +462,7 @@ class PrecomputedVllmModel(PrecomputedInVllm):
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        folder = Path(vllm_config.model_config.model)
-        if folder.is_dir():
-            require_files(folder)  # present, this format, files at their recorded sizes
-        check_engine(vllm_config)
-        memory = vllm_table_memory(vllm_config)
+        memory = checked_before_building(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         self.hf_config = config
@@ -583,11 +589,7 @@ class PrecomputedTransformersForCausalLM(PrecomputedInVllm):
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        folder = Path(vllm_config.model_config.model)
-        if folder.is_dir():
-            require_files(folder)
-        check_engine(vllm_config)
-        memory = vllm_table_memory(vllm_config)
+        memory = checked_before_building(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.hf_config = vllm_config.model_config.hf_config
         record = self.hf_config.firstlayer

@@ -16,7 +16,6 @@ buffer is widened to the row (`checks.widen_inputs_embeds`), so the rows reach l
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +24,14 @@ from torch import Tensor, nn
 from firstlayer.errors import FirstLayerError
 from firstlayer.families import VllmOwnClass, family_of
 from firstlayer.families.multimodal import LANGUAGE_MODEL, TEXT_FAMILIES
-from firstlayer.folder import head_norms_in_table, keeps_attn_norm, kept_layer0, require_files
+from firstlayer.folder import head_norms_in_table, keeps_attn_norm, kept_layer0
 from firstlayer.table.layout import TableLayout
-from firstlayer.vllm.checks import check_engine
 from firstlayer.vllm.models import (
     SOURCE,
     PrecomputedInVllm,
+    checked_before_building,
     install_table,
     vllm_name,
-    vllm_table_memory,
 )
 from firstlayer.vllm.quantized import filled_with_defaults
 
@@ -70,11 +68,7 @@ class PrecomputedMultimodal(PrecomputedInVllm):
     model_type: str
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        folder = Path(vllm_config.model_config.model)
-        if folder.is_dir():
-            require_files(folder)
-        check_engine(vllm_config)
-        memory = vllm_table_memory(vllm_config)
+        memory = checked_before_building(vllm_config)
         config = vllm_config.model_config.hf_config
         record = config.firstlayer
         route = text_route(config)
