@@ -559,16 +559,19 @@ def segment_weight(layout: TableLayout) -> Tensor:
     return column_segments(segments(layout, "qkv")).float()[:, None]
 
 
-def refuse_missing(model: nn.Module, config: Any, arrived: set[str], loaded: set[str]) -> None:
+def refuse_missing(
+    model: nn.Module, config: Any, arrived: set[str] | None, loaded: set[str]
+) -> None:
     """Raise unless every tensor the folder should hold arrived and every parameter was loaded.
 
     vLLM marks a fused parameter loaded when any one of its parts arrived, and its own check
     exempts ordinary linears and embeddings (and skips quantized models altogether): count the
     folder's tensors by the names the transformers model has (a quantized Linear's by those
     its folder stores, `vllm.quantized`), then vLLM's parameters, less those no checkpoint
-    carries (KV-cache quantization scales)."""
+    carries (KV-cache quantization scales). `arrived` None: the parameters only (a multimodal
+    wrapper, whose loader renames the folder's tensors itself)."""
     fused = getattr(model, "packed_modules_mapping", None) or {}
-    missing = sorted(expected_tensors(config, arrived, fused) - arrived)
+    missing = [] if arrived is None else sorted(expected_tensors(config, arrived, fused) - arrived)
     parameters = {name for name, _ in model.named_parameters()}
     missing += sorted(parameters - loaded - filled_with_defaults(model))
     if missing:

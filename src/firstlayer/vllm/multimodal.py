@@ -31,9 +31,9 @@ from firstlayer.vllm.models import (
     PrecomputedInVllm,
     checked_before_building,
     install_table,
+    refuse_missing,
     vllm_name,
 )
-from firstlayer.vllm.quantized import filled_with_defaults
 
 # The kept q/k/v projection's place in the wrapper (not inside layer 0, whose loader would take
 # its weights for the table's).
@@ -169,14 +169,7 @@ class PrecomputedMultimodal(PrecomputedInVllm):
                     yield name, tensor
 
         loaded = set(super().load_weights(renamed())) | loaded_here
-        parameters = {name for name, _ in self.named_parameters()}
-        missing = sorted(parameters - loaded - filled_with_defaults(self))
-        if missing:
-            raise FirstLayerError(
-                f"the folder lacks weights the precomputed {self.model_type} model needs "
-                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): convert the "
-                "source again"
-            )
+        refuse_missing(self, self.hf_config, None, loaded)
         self.table_rows().take_loaded_columns()
         self.firstlayer_loaded = True
         return {n for n in loaded if f".{SOURCE}." not in n}
